@@ -1,0 +1,62 @@
+"""ProtoNet, Conv-4, Omniglot background -> evaluation alphabets, 28x28.
+
+Train (resumes by itself when re-run on the same workdir), then evaluate:
+
+  python experiments/train.py --config configs/protonet_omniglot.py:ways=5,shots=1 \
+      --workdir runs/protonet_omniglot
+  python experiments/evaluate.py --config configs/protonet_omniglot.py:ways=5,shots=1 \
+      --workdir runs/protonet_omniglot --config.eval.num_episodes=1000
+
+The config argument is a comma-separated list of `key=value` overrides:
+  ways, shots      the evaluation task (training uses the same shots);
+  train_ways       training ways (default 60, as in Snell et al. 2017);
+  steps            training steps.
+Measured results and wall times are in WORKSPACE.md (results table).
+"""
+
+import os
+
+import ml_collections
+
+from fewshot.config_args import parse_arg
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  args = parse_arg(arg, ways=5, shots=1, train_ways=60, steps=20000)
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  config.data = dict(
+      name='omniglot',
+      manual_dir=os.environ.get('FEWSHOT_MANUAL_DIR'),
+      data_dir=os.environ.get('FEWSHOT_DATA_DIR'),
+      image_size=28,
+      rotations=True,
+  )
+  config.backbone = dict(name='conv4', filters=64, norm='batch_running')
+  config.algorithm = dict(name='protonet', distance='sqeuclidean')
+  config.optimizer = dict(name='adam', learning_rate=1e-3, schedule='step',
+                          decay_every=2000, decay_factor=0.5)
+  config.train = dict(
+      ways=args.train_ways,
+      shots=args.shots,
+      queries=5,
+      meta_batch_size=1,
+      num_steps=args.steps,
+      log_every=100,
+      eval_every=1000,
+      checkpoint_every_steps=1000,
+      checkpoint_every_secs=300,
+      max_checkpoints=3,
+  )
+  config.eval = dict(
+      ways=args.ways,
+      shots=args.shots,
+      queries=15,
+      num_episodes=600,
+      val_episodes=300,
+      chunk_size=50,
+      seed=2017,
+      test_at_end=True,
+  )
+  return ml_collections.ConfigDict(config)

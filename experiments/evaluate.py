@@ -1,0 +1,50 @@
+"""Evaluates a workdir's latest checkpoint; the last line printed is JSON.
+
+  python experiments/evaluate.py --config configs/protonet_omniglot.py --workdir runs/proto
+  python experiments/evaluate.py --config configs/protonet_omniglot.py --workdir runs/proto \
+      --protocol omniglot_runs --runs_dir path/to/all_runs
+"""
+
+import json
+from typing import Sequence
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from fewshot import train
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config.',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir written by train.py.')
+_PROTOCOL = flags.DEFINE_enum('protocol', 'episodes',
+                              ['episodes', 'omniglot_runs'],
+                              'Seeded test episodes, or Lake et al.\'s runs.')
+_RUNS_DIR = flags.DEFINE_string('runs_dir', None,
+                                'Folder holding run01..run20 (omniglot_runs).')
+_SPLIT = flags.DEFINE_enum('split', 'test', ['test', 'val'], 'Split to test.')
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError('Too many command-line arguments.')
+  if _PROTOCOL.value == 'omniglot_runs':
+    if not _RUNS_DIR.value:
+      raise app.UsageError('--protocol omniglot_runs needs --runs_dir.')
+    result = train.evaluate_omniglot_runs(_CONFIG.value, _WORKDIR.value,
+                                          _RUNS_DIR.value)
+    print(f"error rate {result['error_rate']:.2f}% over "
+          f"{result['trials']} trials ({result['runs']} runs)")
+  else:
+    result = train.evaluate_workdir(_CONFIG.value, _WORKDIR.value,
+                                    split=_SPLIT.value)
+    print(f"{result['ways']}-way {result['shots']}-shot {result['split']} "
+          f"accuracy {100 * result['accuracy']:.2f}% "
+          f"+- {100 * result['ci95']:.2f} (95% CI, {result['episodes']} "
+          f"episodes)")
+  print(json.dumps(result))
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['config', 'workdir'])
+  app.run(main)

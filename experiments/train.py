@@ -1,0 +1,29 @@
+"""Meta-trains a few-shot learner; re-running on the same workdir resumes.
+
+  python experiments/train.py --config configs/protonet_omniglot.py --workdir runs/proto
+"""
+
+import json
+from typing import Sequence
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from fewshot import train
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config.',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints and logs go here.')
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError('Too many command-line arguments.')
+  results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  print(json.dumps(results))
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['config', 'workdir'])
+  app.run(main)

@@ -1,0 +1,40 @@
+"""Class-grouped datasets, class splits and episode sampling."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fewshot._utils import check_options
+from fewshot.data.dataset import ClassDataset
+from fewshot.data.sampling import (DeviceDataset, EpisodeSpec, HostSampler,
+                                   check_spec, sample_episode,
+                                   sample_meta_batch, to_device)
+
+
+def load_splits(name: str, **kwargs: Any) -> dict[str, ClassDataset]:
+  """The 'train'/'val'/'test' class splits of a named dataset.
+
+  Names: 'omniglot' (background alphabets -> evaluation alphabets),
+  'tiny_imagenet' (the committed 120/40/40 class split), 'synthetic'
+  (generated). kwargs go to the loader (`data_dir`, `manual_dir`,
+  `image_size`, ...).
+  """
+  # Imported lazily: the TFDS-backed loaders are heavy and optional.
+  if name == 'omniglot':
+    from fewshot.data.omniglot import omniglot_splits as loader
+  elif name == 'tiny_imagenet':
+    from fewshot.data.tiny_imagenet import tiny_imagenet_splits as loader
+  elif name == 'synthetic':
+    from fewshot.data.synthetic import synthetic_splits as loader
+  else:
+    raise ValueError(f'Unknown dataset {name!r}; known: omniglot, '
+                     'tiny_imagenet, synthetic.')
+  check_options(loader, kwargs, f'dataset {name!r}')
+  return loader(**kwargs)
+
+
+__all__ = [
+    'ClassDataset', 'DeviceDataset', 'EpisodeSpec', 'HostSampler',
+    'check_spec', 'load_splits', 'sample_episode', 'sample_meta_batch',
+    'to_device',
+]

@@ -1,0 +1,163 @@
+"""Episode sampling as a pure function of a PRNG key.
+
+`DeviceDataset` holds a class-grouped dataset as device arrays, so that
+episodes are drawn inside a compiled training step with no host round trip.
+`sample_episode` is written for one episode; `sample_meta_batch` vmaps it.
+`HostSampler` draws the same kind of episode with numpy for datasets too large
+to place on the device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fewshot.data.dataset import ClassDataset
+from fewshot.episodes import Episode, episode_labels
+
+
+@dataclasses.dataclass(frozen=True)
+class EpisodeSpec:
+  """The shape of an N-way K-shot episode with Q queries per class."""
+  num_ways: int
+  num_shots: int
+  num_queries: int
+
+  def __post_init__(self):
+    for name in ('num_ways', 'num_shots', 'num_queries'):
+      if getattr(self, name) < 1:
+        raise ValueError(f'{name} must be >= 1, got {getattr(self, name)}.')
+
+
+@flax.struct.dataclass
+class DeviceDataset:
+  """A class-grouped dataset as arrays (a pytree, so it can be jit-argument).
+
+  Attributes:
+    images: `[M, H, W, C]` uint8.
+    class_index: `[num_classes, P]` int32; row c lists the indices into
+      `images` of class c, padded with 0 beyond `class_counts[c]`.
+    class_counts: `[num_classes]` int32 images per class.
+  """
+  images: jax.Array
+  class_index: jax.Array
+  class_counts: jax.Array
+
+  @property
+  def num_classes(self) -> int:
+    return self.class_index.shape[0]
+
+
+def to_device(dataset: ClassDataset, device=None) -> DeviceDataset:
+  """Builds the per-class index and places the dataset's arrays on a device."""
+  counts = dataset.class_counts()
+  if (counts == 0).any():
+    raise ValueError(f'Class {dataset.class_names[int(np.argmin(counts))]!r} '
+                     'has no images.')
+  order = np.argsort(dataset.labels, kind='stable')
+  starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+  width = int(counts.max())
+  position = np.arange(width)[None, :]
+  gather = np.minimum(starts[:, None] + position, len(order) - 1)
+  index = np.where(position < counts[:, None], order[gather], 0)
+  put = lambda x: jax.device_put(x, device)
+  return DeviceDataset(images=put(dataset.images),
+                       class_index=put(index.astype(np.int32)),
+                       class_counts=put(counts.astype(np.int32)))
+
+
+def check_spec(spec: EpisodeSpec, class_counts: np.ndarray,
+               class_names=None, split: str = 'dataset') -> None:
+  """Raises a clear error if `spec` cannot be drawn from these classes."""
+  class_counts = np.asarray(class_counts)
+  num_classes = len(class_counts)
+  if spec.num_ways > num_classes:
+    raise ValueError(f'Asked for {spec.num_ways}-way episodes but the {split} '
+                     f'has only {num_classes} classes.')
+  needed = spec.num_shots + spec.num_queries
+  # Episodes pick any classes, so every class must hold K + Q images.
+  smallest = int(np.argmin(class_counts))
+  if class_counts[smallest] < needed:
+    name = class_names[smallest] if class_names is not None else smallest
+    raise ValueError(
+        f'Asked for {spec.num_shots} shots + {spec.num_queries} queries = '
+        f'{needed} images per class, but class {name!r} of the {split} has '
+        f'only {class_counts[smallest]} images.')
+
+
+def sample_episode(key: jax.Array, data: DeviceDataset,
+                   spec: EpisodeSpec) -> Episode:
+  """Draws one episode: N distinct classes, K + Q distinct images of each.
+
+  Pure and jit-able. `check_spec` must have passed for `data`: inside a
+  compiled program shapes cannot be validated.
+
+  Returns:
+    An `Episode` with support `[N*K, H, W, C]` and query `[N*Q, H, W, C]`
+    images (uint8), in class-major order.
+  """
+  n, k, q = spec.num_ways, spec.num_shots, spec.num_queries
+  class_key, image_key = jax.random.split(key)
+  class_ids = jax.random.choice(class_key, data.num_classes, (n,),
+                                replace=False).astype(jnp.int32)
+  counts = data.class_counts[class_ids]                       # [N]
+  width = data.class_index.shape[1]
+  # A random permutation of each class's valid positions: sort random keys,
+  # pushing padding positions to the end.
+  scores = jax.random.uniform(image_key, (n, width))
+  scores = jnp.where(jnp.arange(width)[None, :] < counts[:, None], scores, 2.)
+  _, positions = jax.lax.top_k(-scores, k + q)                # [N, K+Q]
+  chosen = jnp.take_along_axis(data.class_index[class_ids], positions, axis=1)
+  support_index = chosen[:, :k].reshape(-1)
+  query_index = chosen[:, k:].reshape(-1)
+  return Episode(
+      support_images=data.images[support_index],
+      support_labels=episode_labels(n, k),
+      query_images=data.images[query_index],
+      query_labels=episode_labels(n, q),
+      class_ids=class_ids,
+      num_ways=n)
+
+
+def sample_meta_batch(key: jax.Array, data: DeviceDataset, spec: EpisodeSpec,
+                      num_tasks: int) -> Episode:
+  """`num_tasks` independent episodes stacked on a leading `T` axis."""
+  keys = jax.random.split(key, num_tasks)
+  return jax.vmap(sample_episode, in_axes=(0, None, None))(keys, data, spec)
+
+
+class HostSampler:
+  """Numpy episode sampler for datasets that do not fit on the device.
+
+  Deterministic in `(seed, step)`, like the device sampler, so a resumed run
+  draws the same episodes. (The random streams differ from `sample_episode`.)
+  """
+
+  def __init__(self, dataset: ClassDataset, spec: EpisodeSpec, seed: int):
+    check_spec(spec, dataset.class_counts(), dataset.class_names)
+    self._dataset = dataset
+    self._spec = spec
+    self._seed = seed
+    self._by_class = [np.flatnonzero(dataset.labels == c)
+                      for c in range(dataset.num_classes)]
+
+  def episode(self, step: int) -> Episode:
+    """The episode for `step`, as numpy arrays."""
+    n, k, q = (self._spec.num_ways, self._spec.num_shots,
+               self._spec.num_queries)
+    rng = np.random.default_rng([self._seed, step])
+    class_ids = rng.choice(self._dataset.num_classes, n, replace=False)
+    chosen = np.stack([rng.choice(self._by_class[c], k + q, replace=False)
+                       for c in class_ids])
+    images = self._dataset.images
+    return Episode(
+        support_images=images[chosen[:, :k].reshape(-1)],
+        support_labels=np.repeat(np.arange(n, dtype=np.int32), k),
+        query_images=images[chosen[:, k:].reshape(-1)],
+        query_labels=np.repeat(np.arange(n, dtype=np.int32), q),
+        class_ids=class_ids.astype(np.int32),
+        num_ways=n)

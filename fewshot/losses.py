@@ -1,0 +1,75 @@
+"""The one generic episodic loss, accuracy and confidence intervals."""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fewshot.algorithms.base import Algorithm, MetaParams
+from fewshot.backbones.base import ModelState
+from fewshot.episodes import Episode
+
+Metrics = dict[str, jax.Array]
+
+
+def query_logits(algorithm: Algorithm, meta_params: MetaParams,
+                 model_state: ModelState, episode: Episode, key: jax.Array,
+                 train: bool) -> tuple[jax.Array, ModelState]:
+  """Adapts to the support set, then predicts the queries: `[N*Q, N]`."""
+  task_params, model_state = algorithm.adapt(meta_params, model_state, episode,
+                                             key, train)
+  return algorithm.predict(meta_params, model_state, task_params,
+                           episode.query_images, train)
+
+
+def episode_loss(algorithm: Algorithm, meta_params: MetaParams,
+                 model_state: ModelState, episode: Episode, key: jax.Array,
+                 train: bool = True) -> tuple[jax.Array, tuple[Metrics, Any]]:
+  """Mean query cross-entropy of one episode.
+
+  Returns:
+    `(loss, (metrics, model_state))` with metrics `loss` and `accuracy`.
+  """
+  logits, model_state = query_logits(algorithm, meta_params, model_state,
+                                     episode, key, train)
+  loss = optax.softmax_cross_entropy_with_integer_labels(
+      logits, episode.query_labels).mean()
+  accuracy = jnp.mean(jnp.argmax(logits, axis=-1) == episode.query_labels)
+  return loss, ({'loss': loss, 'accuracy': accuracy}, model_state)
+
+
+def meta_batch_loss(algorithm: Algorithm, meta_params: MetaParams,
+                    model_state: ModelState, episodes: Episode, key: jax.Array,
+                    train: bool = True) -> tuple[jax.Array, tuple[Metrics, Any]]:
+  """`episode_loss` vmapped over the leading `T` axis of `episodes`, averaged.
+
+  Each task updates the model state independently; the new state is the mean
+  over tasks (for BatchNorm running averages, the average of the tasks').
+  """
+  num_tasks = episodes.support_labels.shape[0]
+  keys = jax.random.split(key, num_tasks)
+  per_task = functools.partial(episode_loss, algorithm, train=train)
+  losses, (metrics, states) = jax.vmap(per_task, in_axes=(None, None, 0, 0))(
+      meta_params, model_state, episodes, keys)
+  metrics = jax.tree.map(jnp.mean, metrics)
+  states = jax.tree.map(lambda s: jnp.mean(s, axis=0), states)
+  return jnp.mean(losses), (metrics, states)
+
+
+def mean_confidence_interval(values: Any) -> tuple[float, float]:
+  """Mean and the half-width of its 95% normal confidence interval.
+
+  `1.96 * std / sqrt(n)` with the sample standard deviation (ddof=1), the
+  convention of the few-shot literature.
+  """
+  values = np.asarray(values, dtype=np.float64).reshape(-1)
+  if values.size < 2:
+    raise ValueError('A confidence interval needs at least two values.')
+  return (float(values.mean()),
+          float(1.96 * values.std(ddof=1) / math.sqrt(values.size)))

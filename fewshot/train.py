@@ -1,0 +1,337 @@
+"""Episodic meta-training: `train_and_evaluate(config, workdir)`.
+
+This is the only module that reads a ConfigDict; everything below it takes
+plain keyword arguments.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from typing import Any
+
+from absl import logging
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from fewshot import backbones
+from fewshot import data as data_lib
+from fewshot._utils import check_options
+from fewshot.algorithms import ALGORITHMS
+from fewshot.algorithms.base import Algorithm
+from fewshot.checkpoint import Checkpointer
+from fewshot.data.sampling import DeviceDataset, EpisodeSpec
+from fewshot.evaluate import episode_accuracies, summarize
+from fewshot.losses import meta_batch_loss
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a run needs to continue, as arrays only (checkpointable)."""
+  step: jax.Array         # [] int32, number of completed steps
+  params: Any             # meta-parameters
+  model_state: Any        # BatchNorm running statistics, if any
+  opt_state: Any
+  rng: jax.Array          # raw key data of the run's base key
+
+
+def make_optimizer(*, name: str = 'adam', learning_rate: float = 1e-3,
+                   schedule: str = 'constant', decay_every: int = 2000,
+                   decay_factor: float = 0.5, warmup_steps: int = 0,
+                   num_steps: int = 1, weight_decay: float = 0.0,
+                   clip_norm: float | None = None
+                   ) -> optax.GradientTransformation:
+  """Outer-loop optimizer: 'adam', 'adamw' or 'sgd' (momentum 0.9).
+
+  Schedules: 'constant', 'step' (multiply by `decay_factor` every
+  `decay_every` steps, as in the ProtoNet paper), 'cosine' (to zero at
+  `num_steps`); each after `warmup_steps` of linear warm-up.
+  """
+  if schedule == 'constant':
+    lr = optax.constant_schedule(learning_rate)
+  elif schedule == 'step':
+    lr = optax.exponential_decay(learning_rate, decay_every, decay_factor,
+                                 staircase=True)
+  elif schedule == 'cosine':
+    lr = optax.cosine_decay_schedule(learning_rate,
+                                     max(num_steps - warmup_steps, 1))
+  else:
+    raise ValueError(f'Unknown schedule {schedule!r}: constant, step, cosine.')
+  if warmup_steps:
+    lr = optax.join_schedules(
+        [optax.linear_schedule(0.0, learning_rate, warmup_steps), lr],
+        [warmup_steps])
+  if name == 'adam':
+    tx = optax.adam(lr)
+  elif name == 'adamw':
+    tx = optax.adamw(lr, weight_decay=weight_decay)
+  elif name == 'sgd':
+    tx = optax.sgd(lr, momentum=0.9)
+  else:
+    raise ValueError(f'Unknown optimizer {name!r}: adam, adamw, sgd.')
+  if clip_norm is not None:
+    tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx)
+  return tx
+
+
+def make_train_step(algorithm: Algorithm, optimizer: optax.GradientTransformation,
+                    spec: EpisodeSpec, meta_batch_size: int,
+                    task_sharding: NamedSharding | None = None):
+  """Builds `train_step(state, data) -> (state, metrics)`; jit it once.
+
+  The step draws its meta-batch on the device from `fold_in(rng, step)`, so
+  a resumed run sees exactly the episodes an uninterrupted run would.
+  """
+
+  def train_step(state: TrainState, data: DeviceDataset):
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    sample_key, algorithm_key = jax.random.split(key)
+    episodes = data_lib.sample_meta_batch(sample_key, data, spec,
+                                          meta_batch_size)
+    if task_sharding is not None:
+      episodes = jax.lax.with_sharding_constraint(episodes, task_sharding)
+    loss_fn = functools.partial(meta_batch_loss, algorithm, train=True)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (_, (metrics, model_state)), grads = grad_fn(
+        state.params, state.model_state, episodes, algorithm_key)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics['grad_norm'] = optax.global_norm(grads)
+    new_state = state.replace(step=state.step + 1, params=params,
+                              model_state=model_state, opt_state=opt_state)
+    return new_state, metrics
+
+  return train_step
+
+
+def build(config: ml_collections.ConfigDict):
+  """Builds `(splits, algorithm, optimizer, train_spec, eval_spec)` from a config."""
+  data_options = dict(config.data)
+  splits = data_lib.load_splits(data_options.pop('name'), **data_options)
+  for split in ('train', 'val', 'test'):
+    if split not in splits:
+      raise ValueError(f'The dataset has no {split!r} split.')
+
+  backbone_options = dict(config.backbone)
+  backbone = backbones.create(backbone_options.pop('name'), **backbone_options)
+  algorithm_options = dict(config.algorithm)
+  name = algorithm_options.pop('name')
+  if name not in ALGORITHMS:
+    raise ValueError(f'Unknown algorithm {name!r}; known: {sorted(ALGORITHMS)}.')
+  check_options(ALGORITHMS[name], algorithm_options, f'algorithm {name!r}')
+  algorithm = ALGORITHMS[name](backbone, **algorithm_options)
+
+  optimizer_options = dict(config.optimizer)
+  check_options(make_optimizer, optimizer_options, 'the optimizer')
+  optimizer = make_optimizer(num_steps=config.train.num_steps,
+                             **optimizer_options)
+  train_spec = EpisodeSpec(config.train.ways, config.train.shots,
+                           config.train.queries)
+  eval_spec = EpisodeSpec(config.eval.ways, config.eval.shots,
+                          config.eval.queries)
+  data_lib.check_spec(train_spec, splits['train'].class_counts(),
+                      splits['train'].class_names, 'meta-train split')
+  for split in ('val', 'test'):
+    data_lib.check_spec(eval_spec, splits[split].class_counts(),
+                        splits[split].class_names, f'meta-{split} split')
+  return splits, algorithm, optimizer, train_spec, eval_spec
+
+
+def init_state(algorithm: Algorithm, optimizer: optax.GradientTransformation,
+               sample_images: np.ndarray, seed: int) -> TrainState:
+  """A fresh `TrainState`; parameters from `fold_in(key(seed), -1)`-style split."""
+  init_key, run_key = jax.random.split(jax.random.key(seed))
+  params, model_state = algorithm.init(init_key, jnp.asarray(sample_images))
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    model_state=model_state, opt_state=optimizer.init(params),
+                    rng=jax.random.key_data(run_key))
+
+
+def _write_json_atomic(path: str, obj: Any) -> None:
+  tmp = f'{path}.tmp-{os.getpid()}'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+class _MetricsLog:
+  """Appends one JSON object per line to `workdir/metrics.jsonl`."""
+
+  def __init__(self, workdir: str):
+    self._path = os.path.join(workdir, 'metrics.jsonl')
+
+  def write(self, step: int, **values: Any) -> None:
+    record = {'step': step, 'time': time.time()}
+    record.update({k: float(v) if np.ndim(v) == 0 else v
+                   for k, v in values.items()})
+    with open(self._path, 'a') as f:
+      f.write(json.dumps(record) + '\n')
+
+
+def task_mesh() -> Mesh:
+  """A 1-D mesh named 'data' over all devices: the task axis is split on it."""
+  return Mesh(np.asarray(jax.devices()), ('data',))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str) -> dict[str, Any]:
+  """Meta-trains as configured, resuming from `workdir` if it has checkpoints.
+
+  Returns:
+    The final validation (and, if `config.eval.test_at_end`, test) metrics.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  splits, algorithm, optimizer, train_spec, eval_spec = build(config)
+  mesh = task_mesh()
+  meta_batch_size = config.train.meta_batch_size
+  if meta_batch_size % mesh.size:
+    raise ValueError(
+        f'meta_batch_size {meta_batch_size} does not divide evenly over '
+        f'{mesh.size} devices; use a multiple of {mesh.size}.')
+  replicated = NamedSharding(mesh, PartitionSpec())
+  task_sharding = NamedSharding(mesh, PartitionSpec('data'))
+
+  config_path = os.path.join(workdir, 'config.json')
+  config_dict = config.to_dict()
+  if not os.path.exists(config_path):
+    _write_json_atomic(config_path, config_dict)
+
+  sample_images = splits['train'].images[:2]
+  state = init_state(algorithm, optimizer, sample_images, config.seed)
+  checkpointer = Checkpointer(os.path.join(workdir, 'checkpoints'),
+                              max_to_keep=config.train.max_checkpoints)
+  if checkpointer.latest_step() is not None:
+    state, _ = checkpointer.restore(jax.eval_shape(lambda: state))
+    logging.info('Resumed from step %d in %s.', int(state.step), workdir)
+  state = jax.device_put(state, replicated)
+
+  train_data = data_lib.to_device(splits['train'])
+  val_data = data_lib.to_device(splits['val'])
+  train_data, val_data = jax.device_put((train_data, val_data), replicated)
+  train_step = jax.jit(
+      make_train_step(algorithm, optimizer, train_spec, meta_batch_size,
+                      task_sharding),
+      donate_argnums=0)
+  evaluate = jax.jit(episode_accuracies(algorithm, eval_spec,
+                                        config.eval.val_episodes,
+                                        chunk_size=config.eval.chunk_size))
+  val_key = jax.random.key(config.eval.seed + 1)
+  log = _MetricsLog(workdir)
+
+  def validate(step: int) -> dict[str, float]:
+    accuracies = evaluate(state.params, state.model_state, val_data, val_key)
+    result = summarize(np.asarray(accuracies))
+    logging.info('step %d: val accuracy %.2f%% +- %.2f (%d-way %d-shot)',
+                 step, 100 * result['accuracy'], 100 * result['ci95'],
+                 eval_spec.num_ways, eval_spec.num_shots)
+    log.write(step, val_accuracy=result['accuracy'], val_ci95=result['ci95'])
+    return result
+
+  step = int(state.step)
+  num_steps = config.train.num_steps
+  last_save_time = time.time()
+  interval_start, interval_steps, metrics_sum = time.time(), 0, None
+  while step < num_steps:
+    state, metrics = train_step(state, train_data)
+    step += 1
+    interval_steps += 1
+    metrics_sum = metrics if metrics_sum is None else jax.tree.map(
+        jnp.add, metrics_sum, metrics)
+    if step % config.train.log_every == 0 or step == num_steps:
+      means = {k: float(v) / interval_steps
+               for k, v in jax.device_get(metrics_sum).items()}
+      elapsed = time.time() - interval_start
+      episodes_per_s = interval_steps * meta_batch_size / elapsed
+      logging.info('step %d: loss %.4f, accuracy %.3f, %.1f episodes/s',
+                   step, means['loss'], means['accuracy'], episodes_per_s)
+      log.write(step, episodes_per_second=episodes_per_s,
+                **{f'train_{k}': v for k, v in means.items()})
+      interval_start, interval_steps, metrics_sum = time.time(), 0, None
+    if step % config.train.eval_every == 0 and step < num_steps:
+      validate(step)
+      interval_start = time.time()  # validation time is not training time
+    due = (step % config.train.checkpoint_every_steps == 0 or
+           time.time() - last_save_time > config.train.checkpoint_every_secs)
+    if due or step == num_steps:
+      checkpointer.save(step, state, config_dict)
+      last_save_time = time.time()
+
+  results = {'step': step, 'val': validate(step)}
+  if config.eval.test_at_end:
+    test_evaluate = jax.jit(episode_accuracies(
+        algorithm, eval_spec, config.eval.num_episodes,
+        chunk_size=config.eval.chunk_size))
+    test_data = jax.device_put(data_lib.to_device(splits['test']), replicated)
+    accuracies = test_evaluate(state.params, state.model_state, test_data,
+                               jax.random.key(config.eval.seed))
+    results['test'] = summarize(np.asarray(accuracies))
+    logging.info('test accuracy %.2f%% +- %.2f over %d episodes',
+                 100 * results['test']['accuracy'],
+                 100 * results['test']['ci95'], results['test']['episodes'])
+    log.write(step, test_accuracy=results['test']['accuracy'],
+              test_ci95=results['test']['ci95'])
+  checkpointer.wait()
+  checkpointer.close()
+  return results
+
+
+def restore_workdir(config: ml_collections.ConfigDict, workdir: str):
+  """Rebuilds the configured model and loads the latest checkpoint of `workdir`.
+
+  Returns:
+    `(algorithm, params, model_state, splits, eval_spec, step)`.
+  """
+  splits, algorithm, optimizer, _, eval_spec = build(config)
+  directory = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f'No checkpoints in {workdir}: train first with '
+                            f'experiments/train.py --workdir {workdir}.')
+  state = init_state(algorithm, optimizer, splits['train'].images[:2],
+                     config.seed)
+  checkpointer = Checkpointer(directory)
+  state, _ = checkpointer.restore(jax.eval_shape(lambda: state))
+  checkpointer.close()
+  return (algorithm, state.params, state.model_state, splits, eval_spec,
+          int(state.step))
+
+
+def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, *,
+                     split: str = 'test') -> dict[str, Any]:
+  """Accuracy and 95% CI of a workdir's checkpoint on seeded episodes.
+
+  Uses `config.eval` (ways, shots, queries, num_episodes, seed): the same
+  episodes for every model evaluated with the same settings.
+  """
+  algorithm, params, model_state, splits, spec, step = restore_workdir(
+      config, workdir)
+  evaluate = jax.jit(episode_accuracies(algorithm, spec,
+                                        config.eval.num_episodes,
+                                        chunk_size=config.eval.chunk_size))
+  start = time.time()
+  accuracies = evaluate(params, model_state, data_lib.to_device(splits[split]),
+                        jax.random.key(config.eval.seed))
+  result = summarize(np.asarray(accuracies))
+  result.update(split=split, step=step, ways=spec.num_ways,
+                shots=spec.num_shots, queries=spec.num_queries,
+                norm=config.backbone.get('norm'),
+                seconds=round(time.time() - start, 2))
+  return result
+
+
+def evaluate_omniglot_runs(config: ml_collections.ConfigDict, workdir: str,
+                           runs_dir: str) -> dict[str, Any]:
+  """Lake's 20-way one-shot runs error rate of a workdir's checkpoint."""
+  from fewshot.data.omniglot import read_omniglot_runs  # pylint: disable=g-import-not-at-top
+  from fewshot.evaluate import omniglot_runs_error_rate  # pylint: disable=g-import-not-at-top
+  runs = read_omniglot_runs(runs_dir, image_size=config.data.image_size)
+  algorithm, params, model_state, _, _, step = restore_workdir(config, workdir)
+  result = omniglot_runs_error_rate(algorithm, params, model_state, runs)
+  result['step'] = step
+  return result
