@@ -36,7 +36,9 @@ class Checkpointer:
     self._manager = ocp.CheckpointManager(
         os.path.abspath(directory),
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
-                                             create=True))
+                                             create=True),
+        item_handlers={'state': ocp.StandardCheckpointHandler(),
+                       'config': ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()

@@ -103,7 +103,7 @@ def make_train_step(algorithm: Algorithm, optimizer: optax.GradientTransformatio
         state.params, state.model_state, episodes, algorithm_key)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics['grad_norm'] = optax.global_norm(grads)
+    metrics['grad_norm'] = optax.tree.norm(grads)
     new_state = state.replace(step=state.step + 1, params=params,
                               model_state=model_state, opt_state=opt_state)
     return new_state, metrics

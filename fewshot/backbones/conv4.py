@@ -32,9 +32,11 @@ class BatchStatNorm(nn.Module):
     scale = self.param('scale', nn.initializers.ones, (features,))
     bias = self.param('bias', nn.initializers.zeros, (features,))
     axes = tuple(range(x.ndim - 1))
-    mean = jnp.mean(x, axis=axes)
-    var = jnp.mean(jnp.square(x - mean), axis=axes)
-    return (x - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+    mean = jnp.mean(x, axis=axes, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=axes, keepdims=True)
+    broadcast = (1,) * (x.ndim - 1) + (features,)
+    multiplier = jax.lax.rsqrt(var + self.epsilon) * scale.reshape(broadcast)
+    return (x - mean) * multiplier + bias.reshape(broadcast)
 
 
 class Conv4(nn.Module):

@@ -39,5 +39,5 @@ class Conv(nn.Module):
           'bias', lambda k, s: jax.random.uniform(k, s, minval=-bound,
                                                   maxval=bound),
           (self.features,))
-      y = y + bias
+      y = y + bias.reshape((1,) * (y.ndim - 1) + (-1,))
     return y

@@ -1,0 +1,45 @@
+"""The generic loss, its meta-batch version and the confidence interval."""
+
+import functools
+import math
+import statistics
+
+import jax
+import numpy as np
+import pytest
+
+from fewshot import backbones, losses
+from fewshot.algorithms import protonet
+from fewshot.data import sampling
+from fewshot.data.synthetic import synthetic_splits
+
+
+def test_confidence_interval_formula():
+  values = [0.5, 0.75, 1.0, 0.25, 0.6]
+  mean, ci = losses.mean_confidence_interval(values)
+  assert mean == pytest.approx(sum(values) / 5)
+  assert ci == pytest.approx(1.96 * statistics.stdev(values) / math.sqrt(5))
+  with pytest.raises(ValueError, match='at least two'):
+    losses.mean_confidence_interval([1.0])
+
+
+def test_meta_batch_loss_is_the_mean_of_episode_losses():
+  splits = synthetic_splits(num_classes=(10, 2, 2), images_per_class=5)
+  data = sampling.to_device(splits['train'])
+  spec = sampling.EpisodeSpec(3, 1, 2)
+  episodes = sampling.sample_meta_batch(jax.random.key(0), data, spec, 3)
+  algorithm = protonet(backbones.create('conv4', filters=8, norm='batch'))
+  params, state = algorithm.init(jax.random.key(1), episodes.support_images[0])
+  key = jax.random.key(5)
+  loss, (metrics, _) = losses.meta_batch_loss(algorithm, params, state,
+                                              episodes, key)
+  keys = jax.random.split(key, 3)
+  singles = [losses.episode_loss(
+      algorithm, params, state, jax.tree.map(lambda x, t=t: x[t], episodes),
+      keys[t])[0] for t in range(3)]
+  np.testing.assert_allclose(loss, np.mean(singles), rtol=1e-5)
+  assert 0 <= float(metrics['accuracy']) <= 1
+  grads = jax.grad(lambda p: losses.meta_batch_loss(
+      algorithm, p, state, episodes, key)[0])(params)
+  assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
+  assert any(np.abs(g).max() > 0 for g in jax.tree.leaves(grads))

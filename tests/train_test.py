@@ -1,0 +1,164 @@
+"""The trainer end to end: training, resuming, compiling once, clear errors."""
+
+import functools
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from fewshot import train
+from fewshot.checkpoint import Checkpointer
+from fewshot.data import sampling
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _load_config(name, arg=None):
+  spec = importlib.util.spec_from_file_location(name, REPO / 'configs' / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def _tiny_config(steps=4):
+  config = _load_config('protonet_synthetic', f'steps={steps}')
+  config.data.num_classes = (12, 5, 5)
+  config.data.images_per_class = 8
+  config.train.ways = 5
+  config.train.queries = 2
+  config.train.log_every = 2
+  config.train.eval_every = 2
+  config.train.checkpoint_every_steps = 2
+  config.eval.queries = 2
+  config.eval.num_episodes = 10
+  config.eval.val_episodes = 6
+  config.eval.chunk_size = 4
+  config.backbone.filters = 8
+  return config
+
+
+def _final_params(config, workdir):
+  _, params, model_state, *_ = train.restore_workdir(config, workdir)
+  return params, model_state
+
+
+def test_two_steps_end_to_end(tmp_path):
+  config = _tiny_config(steps=2)
+  results = train.train_and_evaluate(config, str(tmp_path))
+  assert results['step'] == 2
+  assert 0.0 <= results['test']['accuracy'] <= 1.0
+  assert results['test']['episodes'] == 10
+  records = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
+  assert any('train_loss' in r and np.isfinite(r['train_loss'])
+             for r in records)
+  assert any(r.get('episodes_per_second', 0) > 0 for r in records)
+  assert json.load(open(tmp_path / 'config.json'))['train']['num_steps'] == 2
+
+
+def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path,
+                                                         monkeypatch):
+  config = _tiny_config(steps=4)
+  train.train_and_evaluate(config, str(tmp_path / 'straight'))
+
+  original_save = Checkpointer.save
+
+  def save_then_die(self, step, state, config_dict):
+    original_save(self, step, state, config_dict)
+    if step == 2:
+      self.wait()
+      raise KeyboardInterrupt('simulated pre-emption after step 2')
+
+  monkeypatch.setattr(Checkpointer, 'save', save_then_die)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(config, str(tmp_path / 'killed'))
+  monkeypatch.setattr(Checkpointer, 'save', original_save)
+  # Nothing written before the kill is lost.
+  assert Checkpointer(tmp_path / 'killed' / 'checkpoints').latest_step() == 2
+  results = train.train_and_evaluate(config, str(tmp_path / 'killed'))
+  assert results['step'] == 4
+
+  straight = _final_params(config, str(tmp_path / 'straight'))
+  resumed = _final_params(config, str(tmp_path / 'killed'))
+  jax.tree.map(np.testing.assert_array_equal, straight, resumed)
+  # And training did move the parameters.
+  fresh = train.init_state(*train.build(config)[1:3],
+                           np.zeros((2, 28, 28, 1), np.uint8), config.seed)
+  assert not np.array_equal(fresh.params['backbone']['conv0']['kernel'],
+                            straight[0]['backbone']['conv0']['kernel'])
+
+
+def test_train_step_compiles_once():
+  config = _tiny_config()
+  splits, algorithm, optimizer, spec, _ = train.build(config)
+  state = train.init_state(algorithm, optimizer, splits['train'].images[:2], 0)
+  step_fn = train.make_train_step(algorithm, optimizer, spec, 2)
+  step_fn = jax.jit(chex.assert_max_traces(step_fn, n=1), donate_argnums=0)
+  data = sampling.to_device(splits['train'])
+  losses = []
+  for _ in range(3):
+    state, metrics = step_fn(state, data)
+    losses.append(float(metrics['loss']))
+  assert int(state.step) == 3 and np.isfinite(losses).all()
+
+
+def test_checkpoint_of_another_architecture_is_a_clear_error(tmp_path):
+  config = _tiny_config(steps=2)
+  train.train_and_evaluate(config, str(tmp_path))
+  config.backbone.filters = 4
+  with pytest.raises(ValueError, match='another architecture.*has shape'):
+    train.evaluate_workdir(config, str(tmp_path))
+  config.backbone.filters = 8
+  config.backbone.norm = 'batch'  # no running statistics in this mode
+  with pytest.raises(ValueError, match='another architecture'):
+    train.evaluate_workdir(config, str(tmp_path))
+
+
+@pytest.mark.parametrize('section,key', [('algorithm', 'temperature'),
+                                         ('backbone', 'width'),
+                                         ('optimizer', 'beta'),
+                                         ('data', 'colour')])
+def test_unknown_config_option_is_a_clear_error(section, key):
+  config = _tiny_config()
+  config[section][key] = 1
+  with pytest.raises(ValueError, match=f"Unknown option.*'{key}'"):
+    train.build(config)
+
+
+def test_impossible_episodes_are_named(tmp_path):
+  config = _tiny_config()
+  config.eval.ways = 20
+  with pytest.raises(ValueError, match='20-way.*meta-val split has only 5'):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert not (tmp_path / 'checkpoints').exists()
+
+
+def test_evaluate_without_checkpoints_is_a_clear_error(tmp_path):
+  with pytest.raises(FileNotFoundError, match='No checkpoints'):
+    train.evaluate_workdir(_tiny_config(), str(tmp_path))
+
+
+def test_experiment_scripts_end_to_end(tmp_path):
+  """train.py then evaluate.py as a user runs them; the last line is JSON."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  common = ['--config', str(REPO / 'configs' / 'protonet_synthetic.py:steps=3'),
+            '--workdir', str(tmp_path), '--config.eval.num_episodes=20',
+            '--config.backbone.filters=8']
+  subprocess.run([sys.executable, str(REPO / 'experiments' / 'train.py'),
+                  *common], check=True, env=env, capture_output=True)
+  out = subprocess.run(
+      [sys.executable, str(REPO / 'experiments' / 'evaluate.py'), *common],
+      check=True, env=env, capture_output=True, text=True).stdout
+  result = json.loads(out.strip().splitlines()[-1])
+  assert result['episodes'] == 20 and 0 <= result['accuracy'] <= 1
+  assert result['ci95'] >= 0 and result['norm'] == 'batch_running'
+  bad = subprocess.run(
+      [sys.executable, str(REPO / 'experiments' / 'evaluate.py'), *common,
+       '--config.train.no_such_key=1'], env=env, capture_output=True, text=True)
+  assert bad.returncode != 0 and 'no_such_key' in bad.stderr
