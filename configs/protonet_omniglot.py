@@ -22,7 +22,8 @@ from fewshot.config_args import parse_arg
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = parse_arg(arg, ways=5, shots=1, train_ways=60, steps=20000)
+  args = parse_arg(arg, ways=5, shots=1, train_ways=60, steps=10000,
+                   decay_every=2500)
   config = ml_collections.ConfigDict()
   config.seed = 0
 
@@ -36,7 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.backbone = dict(name='conv4', filters=64, norm='batch_running')
   config.algorithm = dict(name='protonet', distance='sqeuclidean')
   config.optimizer = dict(name='adam', learning_rate=1e-3, schedule='step',
-                          decay_every=2000, decay_factor=0.5)
+                          decay_every=args.decay_every, decay_factor=0.5)
   config.train = dict(
       ways=args.train_ways,
       shots=args.shots,

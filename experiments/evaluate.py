@@ -13,6 +13,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from fewshot import train
+from fewshot._utils import quiet_library_logs
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config.',
                                           lock_config=True)
@@ -28,6 +29,7 @@ _SPLIT = flags.DEFINE_enum('split', 'test', ['test', 'val'], 'Split to test.')
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError('Too many command-line arguments.')
+  quiet_library_logs()
   if _PROTOCOL.value == 'omniglot_runs':
     if not _RUNS_DIR.value:
       raise app.UsageError('--protocol omniglot_runs needs --runs_dir.')

@@ -11,6 +11,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from fewshot import train
+from fewshot._utils import quiet_library_logs
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config.',
                                           lock_config=True)
@@ -20,6 +21,7 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints and logs go here.')
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError('Too many command-line arguments.')
+  quiet_library_logs()
   results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   print(json.dumps(results))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 from typing import Any, Callable, Mapping
 
 
@@ -18,3 +19,21 @@ def check_options(fn: Callable[..., Any], options: Mapping[str, Any],
                    if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
     raise ValueError(f'Unknown option(s) {unknown} for {what}; '
                      f'it accepts {known}.')
+
+
+class _DropInfoFrom(logging.Filter):
+  """Drops INFO-and-below records logged from files under `fragment`."""
+
+  def __init__(self, fragment: str):
+    super().__init__()
+    self._fragment = fragment
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return (record.levelno > logging.INFO or
+            self._fragment not in record.pathname)
+
+
+def quiet_library_logs() -> None:
+  """Keeps orbax's per-save INFO chatter out of the training log."""
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  absl_logging.get_absl_handler().addFilter(_DropInfoFrom('/orbax/'))

@@ -145,7 +145,7 @@ def split_classes(dataset: ClassDataset, fractions: Sequence[float],
 
 
 def resize_images(images: np.ndarray, size: int) -> np.ndarray:
-  """Resizes `[M, H, W, C]` uint8 images to `[M, size, size, C]` (PIL, box+bilinear)."""
+  """Resizes `[M, H, W, C]` uint8 images to `[M, size, size, C]` (PIL Lanczos)."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   if images.shape[1:3] == (size, size):
     return images
