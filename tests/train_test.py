@@ -16,6 +16,7 @@ import pytest
 from fewshot import train
 from fewshot.checkpoint import Checkpointer
 from fewshot.data import sampling
+from omniglot_runs_test import make_runs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -158,6 +159,13 @@ def test_experiment_scripts_end_to_end(tmp_path):
   result = json.loads(out.strip().splitlines()[-1])
   assert result['episodes'] == 20 and 0 <= result['accuracy'] <= 1
   assert result['ci95'] >= 0 and result['norm'] == 'batch_running'
+  make_runs(tmp_path / 'all_runs')
+  out = subprocess.run(
+      [sys.executable, str(REPO / 'experiments' / 'evaluate.py'), *common,
+       '--protocol', 'omniglot_runs', '--runs_dir', str(tmp_path / 'all_runs')],
+      check=True, env=env, capture_output=True, text=True).stdout
+  result = json.loads(out.strip().splitlines()[-1])
+  assert result['trials'] == 40 and 0 <= result['error_rate'] <= 100
   bad = subprocess.run(
       [sys.executable, str(REPO / 'experiments' / 'evaluate.py'), *common,
        '--config.train.no_such_key=1'], env=env, capture_output=True, text=True)
