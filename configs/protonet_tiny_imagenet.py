@@ -1,0 +1,44 @@
+"""ProtoNet, Conv-4, Tiny-ImageNet-200 (committed 120/40/40 class split), 64x64.
+
+  python experiments/train.py --config configs/protonet_tiny_imagenet.py:shots=5 \
+      --workdir runs/protonet_tiny_imagenet_5shot
+  python experiments/evaluate.py --config configs/protonet_tiny_imagenet.py:ways=5,shots=5 \
+      --workdir runs/protonet_tiny_imagenet_5shot
+
+The classes are ImageNet classes: report results of ImageNet-pretrained
+backbones on them as in-domain transfer. Config argument: ways, shots (the
+evaluation task; training uses the same shots), train_ways, steps,
+image_size. Measured results are in WORKSPACE.md.
+"""
+
+import os
+
+import ml_collections
+
+from fewshot.config_args import parse_arg
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  args = parse_arg(arg, ways=5, shots=5, train_ways=20, steps=20000,
+                   image_size=64)
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.data = dict(
+      name='tiny_imagenet',
+      manual_dir=os.environ.get('FEWSHOT_MANUAL_DIR'),
+      data_dir=os.environ.get('FEWSHOT_DATA_DIR'),
+      image_size=args.image_size,
+  )
+  config.backbone = dict(name='conv4', filters=64, norm='batch_running')
+  config.algorithm = dict(name='protonet', distance='sqeuclidean')
+  config.optimizer = dict(name='adam', learning_rate=1e-3, schedule='cosine',
+                          warmup_steps=200)
+  config.train = dict(
+      ways=args.train_ways, shots=args.shots, queries=15, meta_batch_size=1,
+      num_steps=args.steps, log_every=100, eval_every=1000,
+      checkpoint_every_steps=1000, checkpoint_every_secs=300,
+      max_checkpoints=3)
+  config.eval = dict(ways=args.ways, shots=args.shots, queries=15,
+                     num_episodes=600, val_episodes=200, chunk_size=20,
+                     seed=2017, test_at_end=True)
+  return config
