@@ -98,7 +98,7 @@ def main() -> None:
 
   num_episodes = 600
   evaluate = jax.jit(episode_accuracies(
-      algorithm, sampling.EpisodeSpec(5, 1, 15), num_episodes, chunk_size=50))
+      algorithm, sampling.EpisodeSpec(5, 1, 15), num_episodes))
   key = jax.random.key(0)
   jax.block_until_ready(evaluate(state.params, state.model_state, test_data,
                                  key))

@@ -56,7 +56,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       queries=15,
       num_episodes=600,
       val_episodes=300,
-      chunk_size=50,
+      images_per_chunk=2048,
       seed=2017,
       test_at_end=True,
   )

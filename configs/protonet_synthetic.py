@@ -25,6 +25,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                       checkpoint_every_steps=25, checkpoint_every_secs=300,
                       max_checkpoints=2)
   config.eval = dict(ways=args.ways, shots=args.shots, queries=5,
-                     num_episodes=100, val_episodes=50, chunk_size=25,
+                     num_episodes=100, val_episodes=50, images_per_chunk=2048,
                      seed=2017, test_at_end=True)
   return config

@@ -39,6 +39,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       checkpoint_every_steps=1000, checkpoint_every_secs=300,
       max_checkpoints=3)
   config.eval = dict(ways=args.ways, shots=args.shots, queries=15,
-                     num_episodes=600, val_episodes=200, chunk_size=20,
+                     num_episodes=600, val_episodes=200, images_per_chunk=2048,
                      seed=2017, test_at_end=True)
   return config

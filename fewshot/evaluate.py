@@ -21,15 +21,21 @@ EvaluateFn = Callable[[MetaParams, ModelState, DeviceDataset, jax.Array],
 
 
 def episode_accuracies(algorithm: Algorithm, spec: EpisodeSpec,
-                       num_episodes: int, *, chunk_size: int = 50
-                       ) -> EvaluateFn:
+                       num_episodes: int, *, chunk_size: int | None = None,
+                       images_per_chunk: int = 2048) -> EvaluateFn:
   """Builds `evaluate(meta_params, model_state, data, key) -> [E] accuracies`.
 
   Episode e is drawn with `fold_in(key, e)`, so the test episodes depend only
   on the key (and the dataset), never on the model or on `chunk_size`.
   `chunk_size` episodes are vmapped at once inside a `lax.map`, which bounds
   memory while keeping the whole evaluation one program; jit the result.
+  By default a chunk holds about `images_per_chunk` images: far larger
+  chunks only add memory traffic on a CPU (1000 20-way episodes took 9
+  minutes in chunks of 50 episodes, 16,000 images).
   """
+  if chunk_size is None:
+    images_per_episode = spec.num_ways * (spec.num_shots + spec.num_queries)
+    chunk_size = max(1, images_per_chunk // images_per_episode)
 
   def one_episode(meta_params, model_state, data, episode_key):
     sample_key, algorithm_key = jax.random.split(episode_key)

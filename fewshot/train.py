@@ -221,7 +221,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       donate_argnums=0)
   evaluate = jax.jit(episode_accuracies(algorithm, eval_spec,
                                         config.eval.val_episodes,
-                                        chunk_size=config.eval.chunk_size))
+                                        images_per_chunk=config.eval.images_per_chunk))
   val_key = jax.random.key(config.eval.seed + 1)
   log = _MetricsLog(workdir)
 
@@ -267,7 +267,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   if config.eval.test_at_end:
     test_evaluate = jax.jit(episode_accuracies(
         algorithm, eval_spec, config.eval.num_episodes,
-        chunk_size=config.eval.chunk_size))
+        images_per_chunk=config.eval.images_per_chunk))
     test_data = jax.device_put(data_lib.to_device(splits['test']), replicated)
     accuracies = test_evaluate(state.params, state.model_state, test_data,
                                jax.random.key(config.eval.seed))
@@ -313,7 +313,7 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, *,
       config, workdir)
   evaluate = jax.jit(episode_accuracies(algorithm, spec,
                                         config.eval.num_episodes,
-                                        chunk_size=config.eval.chunk_size))
+                                        images_per_chunk=config.eval.images_per_chunk))
   start = time.time()
   accuracies = evaluate(params, model_state, data_lib.to_device(splits[split]),
                         jax.random.key(config.eval.seed))

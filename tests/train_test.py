@@ -40,7 +40,7 @@ def _tiny_config(steps=4):
   config.eval.queries = 2
   config.eval.num_episodes = 10
   config.eval.val_episodes = 6
-  config.eval.chunk_size = 4
+  config.eval.images_per_chunk = 40
   config.backbone.filters = 8
   return config
 
