@@ -1,21 +1,22 @@
 """Stride-1 2-D convolution with gradients that are fast on XLA:CPU.
 
-XLA:CPU runs `lax.conv_general_dilated` reasonably for the forward pass but
-the weight gradient JAX derives from it (a convolution whose "kernel" is the
-whole output gradient) is several times slower than a matmul of the same
-size. Here the gradients are written out explicitly:
+On XLA:CPU the forward `lax.conv_general_dilated` runs near matmul speed,
+but the weight gradient JAX derives from it (a convolution whose "kernel" is
+the whole output gradient) falls off a cliff once that operand outgrows the
+cache: 14x14x64 maps, 80 images: 67 GFLOP/s, 320 images: 11 GFLOP/s. So the
+gradients are written out here:
 
-* input gradient = forward convolution of the output gradient with the
-  spatially flipped, in/out-transposed kernel;
-* weight gradient = `_wgrad`, computed on CPU as matmuls over shifted views
-  of the input (see `_wgrad_cpu`).
+* input gradient: a forward conv of the output gradient with the spatially
+  flipped, in/out-transposed kernel (what XLA does too);
+* weight gradient (`_wgrad`): XLA's weight-gradient conv summed over chunks
+  of a few images (~75 GFLOP/s at any batch), or, for few input channels
+  (the first layer), im2col + one matmul (2-3x faster than XLA there).
 
-Both are again `custom_vjp` functions whose own gradients are expressed with
-`conv2d` and `_wgrad`, so the set is closed under differentiation: second
-order reverse mode (MAML) gets the same fast kernels, and everything is
-ordinary JAX, so `jit` and `vmap` (including per-example kernels) work.
-
-On backends other than CPU the plain `lax.conv_general_dilated` is used.
+Both are `custom_vjp` functions whose own gradients are again written with
+`_conv` and `_wgrad`, so the set is closed under differentiation: second
+order reverse mode (MAML) gets the same kernels, and everything is ordinary
+JAX, so `jit` and `vmap` (including per-task kernels) work. On backends
+other than CPU `conv2d` is the plain `lax.conv_general_dilated`.
 """
 
 from __future__ import annotations
@@ -97,77 +98,108 @@ def _patches(xp: jax.Array, kernel_hw: tuple[int, int]) -> jax.Array:
       axis=-1)
 
 
-def _conv_cpu(x: jax.Array, w: jax.Array, pads: _Pads) -> jax.Array:
-  """Forward conv on CPU: im2col matmul when the patch is short, else XLA."""
-  kh, kw, cin, cout = w.shape
-  if kh * kw * cin <= _IM2COL_MAX_PATCH:
-    # XLA's conv is slow with few input channels (the first layer); the
-    # patches are then small, so im2col + one matmul wins.
-    xp = _pad_input(x, pads)
-    p = _patches(xp, (kh, kw))
-    return jnp.einsum('bhwk,ko->bhwo', p, w.reshape(kh * kw * cin, cout))
-  return _xla_conv(x, w, pads)
-
-
 def _wgrad_cpu(x: jax.Array, g: jax.Array, pads: _Pads,
                kernel_hw: tuple[int, int]) -> jax.Array:
   """Weight gradient on CPU, `[B,H,W,I], [B,Ho,Wo,O] -> [kh,kw,I,O]`."""
   kh, kw = kernel_hw
-  xp = _pad_input(x, pads)
-  if kh * kw * x.shape[-1] <= _IM2COL_MAX_PATCH:
-    p = _patches(xp, kernel_hw)
-    return jnp.einsum('bhwk,bhwo->ko', p, g).reshape(kh, kw, x.shape[-1], -1)
-  mode = _EXPERIMENT.get('wgrad', 'xla')
-  if mode == 'shifted':
-    return _wgrad_shifted(xp, g, kernel_hw)
-  split = _EXPERIMENT.get('split', 1)
-  b = x.shape[0]
-  if split > 1 and b % split == 0:
-    xs = x.reshape(split, b // split, *x.shape[1:])
-    gs = g.reshape(split, b // split, *g.shape[1:])
-    return sum(_xla_wgrad(xs[i], gs[i], pads) for i in range(split))
-  return _xla_wgrad(x, g, pads)
+  cin, cout = x.shape[-1], g.shape[-1]
+  if kh * kw * cin <= _IM2COL_MAX_PATCH:
+    p = _patches(_pad_input(x, pads), kernel_hw)
+    return jnp.einsum('bhwk,bhwo->ko', p, g).reshape(kh, kw, cin, cout)
+  # XLA:CPU's weight-gradient conv slows down sharply once an operand
+  # outgrows the cache (46 -> 12 GFLOP/s going from 80 to 320 images of
+  # 14x14x64); summing it over chunks of a few images keeps ~73 GFLOP/s.
+  b, h, w = x.shape[:3]
+  per_image = h * w * max(cin, cout) * x.dtype.itemsize
+  chunk = max(1, _WGRAD_CHUNK_BYTES // per_image)
+  if chunk >= b:
+    return _xla_wgrad(x, g, pads)
+  out = None
+  for start in range(0, b, chunk):
+    part = _xla_wgrad(x[start:start + chunk], g[start:start + chunk], pads)
+    out = part if out is None else out + part
+  return out
 
 
-def _wgrad_shifted(xp: jax.Array, g: jax.Array,
-                   kernel_hw: tuple[int, int]) -> jax.Array:
-  """Weight gradient as kh*kw matmuls over shifted flat views of `xp`.
-
-  With `xp` flattened to rows n = (b*Hp + h)*Wp + w, tap (i, j) reads row
-  n + i*Wp + j, so every tap is a contiguous row range and no 9x im2col
-  buffer is needed. `g` is zero-embedded into the padded grid so the rows
-  that fall into padding contribute nothing.
-  """
-  kh, kw = kernel_hw
-  b, hp, wp, cin = xp.shape
-  _, ho, wo, cout = g.shape
-  ge = jnp.pad(g, ((0, 0), (0, hp - ho), (0, wp - wo), (0, 0)))
-  xf = xp.reshape(b * hp * wp, cin)
-  gf = ge.reshape(b * hp * wp, cout)
-  span = (kh - 1) * wp + (kw - 1)
-  rows = b * hp * wp - span
-  gf = gf[:rows]
-  taps = [jnp.einsum('nc,no->co', xf[i * wp + j:i * wp + j + rows], gf)
-          for i in range(kh) for j in range(kw)]
-  return jnp.stack(taps).reshape(kh, kw, cin, cout)
-
-
-_EXPERIMENT: dict = {}
-
-# Patches up to this length (kh*kw*I) use im2col; longer ones the XLA conv.
+# Weight gradients with patches up to this length (kh*kw*I) use im2col + one
+# matmul, longer ones the XLA conv. (The first Conv-4 layer, I = 1 or 3, is
+# 2-3x faster as im2col; at I = 64 building the 9x larger patch buffer costs
+# more than the matmul gains.)
 _IM2COL_MAX_PATCH = 32
+# Bytes of one weight-gradient operand chunk (see `_wgrad_cpu`).
+_WGRAD_CHUNK_BYTES = 512 * 1024
+
+
+# --- batching: per-task kernels --------------------------------------------
+#
+# Under `vmap` with a batched kernel (MAML's per-task weights) JAX turns a
+# conv into one grouped conv, which XLA:CPU runs ~3x slower than separate
+# convs; the rules below unroll over the vmapped axis instead, and fold it
+# into the image batch when the kernel is shared.
+
+
+def _unrolled(fn, axis_size, in_batched, *args):
+  """Stacks `fn` applied to each vmapped slice (unbatched args shared)."""
+  outs = [fn(*(a[i] if b else a for a, b in zip(args, in_batched)))
+          for i in range(axis_size)]
+  return jnp.stack(outs), True
+
+
+@functools.lru_cache(maxsize=None)
+def _conv_impl(pads: _Pads):
+  """`(x, w) -> y` for fixed padding, with the batching rule above."""
+
+  @jax.custom_batching.custom_vmap
+  def impl(x, w):
+    return _xla_conv(x, w, pads)
+
+  @impl.def_vmap
+  def _(axis_size, in_batched, x, w):
+    x_batched, w_batched = in_batched
+    if w_batched:
+      return _unrolled(impl, axis_size, in_batched, x, w)
+    if not x_batched:
+      return impl(x, w), False
+    y = impl(x.reshape(-1, *x.shape[2:]), w)
+    return y.reshape(axis_size, -1, *y.shape[1:]), True
+
+  return impl
+
+
+@functools.lru_cache(maxsize=None)
+def _wgrad_impl(pads: _Pads, kernel_hw: tuple[int, int]):
+  """`(x, g) -> dw` for fixed padding and kernel size, unrolled under vmap."""
+
+  @jax.custom_batching.custom_vmap
+  def impl(x, g):
+    return _wgrad_cpu(x, g, pads, kernel_hw)
+
+  @impl.def_vmap
+  def _(axis_size, in_batched, x, g):
+    if not any(in_batched):
+      return impl(x, g), False
+    return _unrolled(impl, axis_size, in_batched, x, g)
+
+  return impl
 
 
 # --- differentiable ops with custom gradients --------------------------------
+#
+# The fwd rules call the custom_vjp functions themselves (not the impls), so
+# that when an outer differentiation (second order) goes through a fwd rule
+# it meets these custom gradients again rather than JAX's default ones.
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _conv(x: jax.Array, w: jax.Array, pads: _Pads) -> jax.Array:
-  return _conv_cpu(x, w, pads)
+  # XLA's own forward conv runs near matmul speed on CPU (im2col + matmul
+  # was slower even for the 1-channel first layer), so only the gradients
+  # are custom.
+  return _conv_impl(pads)(x, w)
 
 
 def _conv_fwd(x, w, pads):
-  return _conv_cpu(x, w, pads), (x, w)
+  return _conv(x, w, pads), (x, w)
 
 
 def _conv_bwd(pads, res, g):
@@ -184,11 +216,11 @@ _conv.defvjp(_conv_fwd, _conv_bwd)
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _wgrad(x: jax.Array, g: jax.Array, pads: _Pads,
            kernel_hw: tuple[int, int]) -> jax.Array:
-  return _wgrad_cpu(x, g, pads, kernel_hw)
+  return _wgrad_impl(pads, kernel_hw)(x, g)
 
 
 def _wgrad_fwd(x, g, pads, kernel_hw):
-  return _wgrad_cpu(x, g, pads, kernel_hw), (x, g)
+  return _wgrad(x, g, pads, kernel_hw), (x, g)
 
 
 def _wgrad_bwd(pads, kernel_hw, res, v):
