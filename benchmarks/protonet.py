@@ -27,6 +27,7 @@ from fewshot.algorithms import protonet
 from fewshot.data import sampling
 from fewshot.data.synthetic import synthetic_splits
 from fewshot.evaluate import episode_accuracies
+from fewshot.ops import tune_malloc
 from fewshot.train import init_state, make_optimizer, make_train_step
 
 TRAIN_SETTINGS = ((5, 1, 15), (20, 1, 15), (60, 5, 5))
@@ -60,6 +61,7 @@ def main() -> None:
   parser.add_argument('--torch', action='store_true',
                       help='also run benchmarks/torch_protonet.py')
   args = parser.parse_args()
+  tune_malloc()
   machine = dict(backend=jax.default_backend(),
                  device=jax.devices()[0].device_kind,
                  cpus=os.cpu_count(), host=platform.machine())

@@ -20,9 +20,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-SETTINGS = ((5, 1, 15), (20, 1, 15), (60, 5, 5))
-
-
 def conv4(in_channels: int = 1, filters: int = 64) -> nn.Module:
   """`[B, C, H, W] -> [B, filters * (H/16) * (W/16)]`."""
   blocks = []
@@ -66,12 +63,15 @@ def main() -> None:
   parser.add_argument('--threads', type=int, default=2)
   parser.add_argument('--reps', type=int, default=10)
   parser.add_argument('--repeats', type=int, default=7)
+  parser.add_argument('--settings', default='5,1,15;20,1,15;60,5,5',
+                      help='training settings, ways,shots,queries;...')
   args = parser.parse_args()
+  settings = [tuple(map(int, s.split(','))) for s in args.settings.split(';')]
   torch.set_num_threads(args.threads)
   torch.manual_seed(0)
   common = {'threads': args.threads, 'torch': torch.__version__}
 
-  for ways, shots, queries in SETTINGS:
+  for ways, shots, queries in settings:
     model = conv4()
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -92,7 +92,7 @@ def main() -> None:
         'min_ms': round(1e3 / max(rates), 2), 'ways': ways, 'shots': shots,
         'queries': queries, **common}), flush=True)
 
-  ways, shots, queries = SETTINGS[0]
+  ways, shots, queries = 5, 1, 15
   model = conv4()
   model.train()  # batch statistics, as in training (transductive eval)
   images = torch.randn(ways * (shots + queries), 1, 28, 28)

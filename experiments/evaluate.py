@@ -14,6 +14,7 @@ from ml_collections import config_flags
 
 from fewshot import train
 from fewshot._utils import quiet_library_logs
+from fewshot.ops import tune_malloc
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config.',
                                           lock_config=True)
@@ -30,6 +31,7 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError('Too many command-line arguments.')
   quiet_library_logs()
+  tune_malloc()  # before any JAX work; see fewshot/ops/__init__.py
   if _PROTOCOL.value == 'omniglot_runs':
     if not _RUNS_DIR.value:
       raise app.UsageError('--protocol omniglot_runs needs --runs_dir.')
