@@ -86,11 +86,14 @@ def main() -> None:
       state, metrics = step(state, train_data)
     jax.block_until_ready(state)
 
-    def run(state=state):
+    holder = [state]  # the step donates its input: always pass the newest
+
+    def run():
       for _ in range(args.steps):
-        state, _ = step(state, train_data)
-      return state
+        holder[0], _ = step(holder[0], train_data)
+      return holder[0]
     seconds = median_seconds(run, 3) / args.steps
+    state = holder[0]
     settings = dict(ways=ways, shots=shots, queries=queries, **machine)
     jax_rates[(ways, shots, queries)] = 1 / seconds
     emit('protonet_train', 1 / seconds, 'episodes/s', **settings)
