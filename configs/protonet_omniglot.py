@@ -10,8 +10,12 @@ Train (resumes by itself when re-run on the same workdir), then evaluate:
 The config argument is a comma-separated list of `key=value` overrides:
   ways, shots      the evaluation task (training uses the same shots);
   train_ways       training ways (default 60, as in Snell et al. 2017);
-  steps            training steps.
-Measured results and wall times are in WORKSPACE.md (results table).
+  steps            training steps (default 10,000);
+  decay_every      steps between learning-rate halvings (default 2,500).
+Measured (WORKSPACE.md has the commands and wall times): trained with
+`ways=5,shots=1` and stopped after 7,000 steps, on 1,000 test episodes:
+5-way 1-shot 98.15 +- 0.21, 20-way 1-shot 94.46 +- 0.18, 5-way 5-shot
+99.49 +- 0.08, 20-way 5-shot 98.50 +- 0.07 (2-core CPU, about 99 minutes).
 """
 
 import os

@@ -146,7 +146,7 @@ def build(config: ml_collections.ConfigDict):
 
 def init_state(algorithm: Algorithm, optimizer: optax.GradientTransformation,
                sample_images: np.ndarray, seed: int) -> TrainState:
-  """A fresh `TrainState`; parameters from `fold_in(key(seed), -1)`-style split."""
+  """A fresh `TrainState`: `key(seed)` splits into the init key and the run key."""
   init_key, run_key = jax.random.split(jax.random.key(seed))
   params, model_state = algorithm.init(init_key, jnp.asarray(sample_images))
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
