@@ -6,15 +6,28 @@ from typing import Any
 
 from fewshot.backbones.base import Backbone, from_flax
 from fewshot.backbones.conv4 import Conv4
+from fewshot.backbones.efficientnet_lite import EfficientNetLite
+from fewshot.backbones.loading import Loaded, load
+from fewshot.backbones.resnet import ResNet12, ResNet18
 
 # name -> flax module class; `create(name, **config.backbone)`.
 BACKBONES = {
     'conv4': Conv4,
+    'efficientnet_lite0': EfficientNetLite,
+    'resnet12': ResNet12,
+    'resnet18': ResNet18,
 }
 
 
-def create(name: str, **kwargs: Any) -> Backbone:
-  """Builds the named backbone; kwargs are the module's attributes."""
+def create(name: str, weights: str | None = None, **kwargs: Any) -> Backbone:
+  """Builds the named backbone; kwargs are the module's attributes.
+
+  With `weights` (a pretrain/train workdir or a named source, see `load`),
+  the backbone's `init` returns those weights instead of a random init, so
+  `config.backbone.weights` makes any config start from them.
+  """
+  if weights is not None:
+    return load(name, weights, **kwargs).backbone
   if name not in BACKBONES:
     raise ValueError(f'Unknown backbone {name!r}; known: {sorted(BACKBONES)}.')
   module_class = BACKBONES[name]
@@ -27,4 +40,5 @@ def create(name: str, **kwargs: Any) -> Backbone:
   return from_flax(module_class(**kwargs))
 
 
-__all__ = ['BACKBONES', 'Backbone', 'Conv4', 'create', 'from_flax']
+__all__ = ['BACKBONES', 'Backbone', 'Conv4', 'EfficientNetLite', 'Loaded',
+           'ResNet12', 'ResNet18', 'create', 'from_flax', 'load']

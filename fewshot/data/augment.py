@@ -1,0 +1,73 @@
+"""Batch image augmentation written in JAX, for use inside a compiled step.
+
+Every function takes images `[B, H, W, C]` (any dtype; uint8 stays uint8)
+and a PRNG key, draws independent choices per image, and returns images of
+the same shape.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+PAD_MODES = ('constant', 'edge', 'reflect')
+
+
+def flip_horizontal(images: jax.Array) -> jax.Array:
+  """Mirrors `[B, H, W, C]` images left-right (an involution)."""
+  return images[:, :, ::-1, :]
+
+
+def random_flip(key: jax.Array, images: jax.Array,
+                probability: float = 0.5) -> jax.Array:
+  """Mirrors each image left-right with `probability`."""
+  flip_B = jax.random.bernoulli(key, probability, (images.shape[0],))
+  return jnp.where(flip_B[:, None, None, None], flip_horizontal(images),
+                   images)
+
+
+def random_crop(key: jax.Array, images: jax.Array, padding: int,
+                pad_mode: str = 'constant') -> jax.Array:
+  """Pads each side by `padding` pixels, then crops a random `H x W` window.
+
+  `pad_mode` 'constant' fills with zeros (torchvision's `RandomCrop(size,
+  padding)`), 'edge' repeats the border pixel, 'reflect' mirrors without
+  repeating it. Each window offset is uniform in `[0, 2 * padding]`.
+  """
+  if pad_mode not in PAD_MODES:
+    raise ValueError(f'pad_mode must be one of {PAD_MODES}, got {pad_mode!r}.')
+  if padding < 0:
+    raise ValueError(f'padding must be >= 0, got {padding}.')
+  if padding == 0:
+    return images
+  batch, height, width, channels = images.shape
+  padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding),
+                            (0, 0)), mode=pad_mode)
+  offsets_Bx2 = jax.random.randint(key, (batch, 2), 0, 2 * padding + 1)
+
+  def crop(image, offset):
+    return jax.lax.dynamic_slice(image, (offset[0], offset[1], 0),
+                                 (height, width, channels))
+
+  return jax.vmap(crop)(padded, offsets_Bx2)
+
+
+def crop_and_flip(key: jax.Array, images: jax.Array, *, crop_padding: int = 0,
+                  pad_mode: str = 'constant', flip: bool = False) -> jax.Array:
+  """The standard natural-image training augmentation: pad-and-crop, then flip.
+
+  Args:
+    key: PRNG key; the same key gives the same augmentation.
+    images: `[B, H, W, C]`.
+    crop_padding: pixels of padding per side for `random_crop` (0: no crop).
+    pad_mode: see `random_crop`.
+    flip: mirror half of the images left-right.
+
+  Returns:
+    `[B, H, W, C]` augmented images, same dtype.
+  """
+  crop_key, flip_key = jax.random.split(key)
+  images = random_crop(crop_key, images, crop_padding, pad_mode)
+  if flip:
+    images = random_flip(flip_key, images)
+  return images
