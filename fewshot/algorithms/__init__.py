@@ -1,11 +1,25 @@
 """Few-shot algorithms: each a factory returning an `Algorithm` of pure functions."""
 
 from fewshot.algorithms.base import Algorithm
+from fewshot.algorithms.baselines import (baseline_pp, fine_tune, linear_probe,
+                                          simpleshot)
+from fewshot.algorithms.maml import anil, fomaml, maml, metasgd, proto_maml
 from fewshot.algorithms.protonet import protonet
 
 # name -> factory(backbone, **config.algorithm); grep-able, no import magic.
 ALGORITHMS = {
     'protonet': protonet,
+    'maml': maml,
+    'fomaml': fomaml,
+    'anil': anil,
+    'metasgd': metasgd,
+    'proto_maml': proto_maml,
+    'linear_probe': linear_probe,
+    'simpleshot': simpleshot,
+    'baseline_pp': baseline_pp,
+    'fine_tune': fine_tune,
 }
 
-__all__ = ['ALGORITHMS', 'Algorithm', 'protonet']
+__all__ = ['ALGORITHMS', 'Algorithm', 'anil', 'baseline_pp', 'fine_tune',
+           'fomaml', 'linear_probe', 'maml', 'metasgd', 'proto_maml',
+           'protonet', 'simpleshot']
