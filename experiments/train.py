@@ -17,6 +17,10 @@ from fewshot.ops import tune_malloc
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config.',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints and logs go here.')
+_DISTRIBUTED = flags.DEFINE_bool(
+    'distributed', False,
+    'Call jax.distributed.initialize() first (multi-host runs; the cluster '
+    'is detected from the environment, e.g. SLURM or Cloud TPU).')
 
 
 def main(argv: Sequence[str]) -> None:
@@ -24,6 +28,9 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError('Too many command-line arguments.')
   quiet_library_logs()
   tune_malloc()  # before any JAX work; see fewshot/ops/__init__.py
+  if _DISTRIBUTED.value:
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.distributed.initialize()
   results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   print(json.dumps(results))
 

@@ -111,8 +111,12 @@ def make_train_step(algorithm: Algorithm, optimizer: optax.GradientTransformatio
   return train_step
 
 
-def build(config: ml_collections.ConfigDict):
-  """Builds `(splits, algorithm, optimizer, train_spec, eval_spec)` from a config."""
+def build(config: ml_collections.ConfigDict, *, pretrained: bool = True):
+  """Builds `(splits, algorithm, optimizer, train_spec, eval_spec)` from a config.
+
+  With `pretrained=False` a `config.backbone.weights` source is not read (a
+  run's own checkpoint supersedes the weights it started from).
+  """
   data_options = dict(config.data)
   splits = data_lib.load_splits(data_options.pop('name'), **data_options)
   for split in ('train', 'val', 'test'):
@@ -120,6 +124,8 @@ def build(config: ml_collections.ConfigDict):
       raise ValueError(f'The dataset has no {split!r} split.')
 
   backbone_options = dict(config.backbone)
+  if not pretrained:
+    backbone_options.pop('weights', None)
   backbone = backbones.create(backbone_options.pop('name'), **backbone_options)
   algorithm_options = dict(config.algorithm)
   name = algorithm_options.pop('name')
@@ -188,7 +194,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     The final validation (and, if `config.eval.test_at_end`, test) metrics.
   """
   os.makedirs(workdir, exist_ok=True)
-  splits, algorithm, optimizer, train_spec, eval_spec = build(config)
+  checkpoint_dir = os.path.join(workdir, 'checkpoints')
+  resuming = os.path.isdir(checkpoint_dir) and any(
+      name.isdigit() for name in os.listdir(checkpoint_dir))
+  splits, algorithm, optimizer, train_spec, eval_spec = build(
+      config, pretrained=not resuming)
   mesh = task_mesh()
   meta_batch_size = config.train.meta_batch_size
   if meta_batch_size % mesh.size:
@@ -288,7 +298,7 @@ def restore_workdir(config: ml_collections.ConfigDict, workdir: str):
   Returns:
     `(algorithm, params, model_state, splits, eval_spec, step)`.
   """
-  splits, algorithm, optimizer, _, eval_spec = build(config)
+  splits, algorithm, optimizer, _, eval_spec = build(config, pretrained=False)
   directory = os.path.join(workdir, 'checkpoints')
   if not os.path.isdir(directory):
     raise FileNotFoundError(f'No checkpoints in {workdir}: train first with '

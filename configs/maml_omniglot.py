@@ -1,0 +1,81 @@
+"""MAML (and its family), Conv-4, Omniglot background -> evaluation alphabets, 28x28.
+
+The settings of Finn et al. 2017: meta-batch 32 with one inner step of 0.4
+for 5-way, meta-batch 16 with five steps of 0.1 for 20-way, outer Adam 1e-3,
+transductive BatchNorm (per-task batch statistics, `norm='batch'`), one
+query per class per shot while meta-training. Train, then evaluate:
+
+  python experiments/train.py --config configs/maml_omniglot.py:ways=5,shots=1 \
+      --workdir runs/maml_omniglot_5w1s
+  python experiments/evaluate.py --config configs/maml_omniglot.py:ways=5,shots=1 \
+      --workdir runs/maml_omniglot_5w1s --config.eval.num_episodes=1000
+
+The config argument is a comma-separated list of `key=value` overrides:
+  ways, shots      the task (MAML trains and tests at the same ways);
+  algorithm        maml (default), fomaml, anil, metasgd, proto_maml;
+  steps            meta-training steps (the paper: 60,000);
+  queries          query images per class while meta-training (default: shots);
+  inner_steps, eval_inner_steps, inner_lr   override the paper's values;
+  norm             'batch' (transductive, default) or 'batch_running';
+  remat            rematerialise inner steps (bounded memory, more compute).
+Measured results and wall times are in WORKSPACE.md.
+"""
+
+import os
+
+import ml_collections
+
+from fewshot.config_args import parse_arg
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  args = parse_arg(arg, ways=5, shots=1, algorithm='maml', steps=60000,
+                   queries=0, inner_steps=0, eval_inner_steps=0, inner_lr=0.0,
+                   meta_batch_size=0, norm='batch', remat=False)
+  five_way = args.ways <= 5
+  inner_steps = args.inner_steps or (1 if five_way else 5)
+  inner_lr = args.inner_lr or (0.4 if five_way else 0.1)
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.data = dict(
+      name='omniglot',
+      manual_dir=os.environ.get('FEWSHOT_MANUAL_DIR'),
+      data_dir=os.environ.get('FEWSHOT_DATA_DIR'),
+      image_size=28,
+      rotations=True,
+  )
+  config.backbone = dict(name='conv4', filters=64, norm=args.norm)
+  config.algorithm = dict(
+      name=args.algorithm,
+      inner_steps=inner_steps,
+      inner_learning_rate=inner_lr,
+      # The paper evaluates with more steps than it trains with.
+      eval_inner_steps=args.eval_inner_steps or max(3, inner_steps),
+      remat=args.remat,
+  )
+  if args.algorithm != 'proto_maml':
+    config.algorithm.num_ways = args.ways
+  config.optimizer = dict(name='adam', learning_rate=1e-3, schedule='constant')
+  config.train = dict(
+      ways=args.ways,
+      shots=args.shots,
+      queries=args.queries or args.shots,
+      meta_batch_size=args.meta_batch_size or (32 if five_way else 16),
+      num_steps=args.steps,
+      log_every=50,
+      eval_every=500,
+      checkpoint_every_steps=500,
+      checkpoint_every_secs=300,
+      max_checkpoints=3,
+  )
+  config.eval = dict(
+      ways=args.ways,
+      shots=args.shots,
+      queries=15,
+      num_episodes=600,
+      val_episodes=300,
+      images_per_chunk=1024,
+      seed=2017,
+      test_at_end=True,
+  )
+  return config
