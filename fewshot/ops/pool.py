@@ -12,6 +12,8 @@ gradients work.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -37,26 +39,35 @@ def _first_max_mask(xw: jax.Array, y: jax.Array) -> list[jax.Array]:
   return masks
 
 
-@jax.custom_vjp
-def _max_pool(x: jax.Array) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _max_pool(x: jax.Array, spatial: tuple[int, int]) -> jax.Array:
+  del spatial  # (H, W) of `x`, static, for the backward pass
   return jnp.max(_windows(x), axis=(2, 4))
 
 
-def _max_pool_fwd(x):
-  y = jnp.max(_windows(x), axis=(2, 4))
-  return y, (x, y)
+def _max_pool_fwd(x, spatial):
+  del spatial
+  xw = _windows(x)
+  y = jnp.max(xw, axis=(2, 4))
+  # The residual is which window element won (0..3, int8), computed here
+  # from the same values that gave `y`. Comparing a saved `y` with `x` in
+  # the backward pass is fragile: XLA may recompute `x` with a different
+  # fusion (it did under SPMD sharding), so `x == y` missed ties.
+  winner = jnp.zeros(y.shape, jnp.int8)
+  for index, mask in enumerate(_first_max_mask(xw, y)):
+    winner = jnp.where(mask, jnp.int8(index), winner)
+  return y, winner
 
 
-def _max_pool_bwd(res, g):
-  x, y = res
-  b, h, w, c = x.shape
-  masks = _first_max_mask(_windows(x), y)
+def _max_pool_bwd(spatial, winner, g):
+  h, w = spatial
+  b, c = g.shape[0], g.shape[-1]
   zero = jnp.zeros((), g.dtype)
-  parts = [jnp.where(m, g, zero) for m in masks]
+  parts = [jnp.where(winner == index, g, zero) for index in range(4)]
   # [B,H2,W2,C] x 4 -> [B,H2,2,W2,2,C] -> [B,2*H2,2*W2,C].
   dx = jnp.stack([jnp.stack(parts[0:2], axis=3), jnp.stack(parts[2:4], axis=3)],
                  axis=2).reshape(b, h // 2 * 2, w // 2 * 2, c)
-  if dx.shape != x.shape:
+  if dx.shape[1:3] != (h, w):
     dx = jnp.pad(dx, ((0, 0), (0, h - dx.shape[1]), (0, w - dx.shape[2]),
                       (0, 0)))
   return (dx,)
@@ -75,4 +86,4 @@ def max_pool_2x2(images: jax.Array) -> jax.Array:
     raise ValueError(f'max_pool_2x2 expects [B,H,W,C], got {images.shape}')
   if images.shape[1] < 2 or images.shape[2] < 2:
     raise ValueError(f'spatial size must be at least 2x2, got {images.shape}')
-  return _max_pool(images)
+  return _max_pool(images, tuple(images.shape[1:3]))

@@ -1,0 +1,104 @@
+"""The task axis sharded over 4 simulated CPU devices trains like 1 device."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# Runs in a fresh process (the device count is fixed when JAX starts): a few
+# training steps of each algorithm with the trainer's own step function and
+# shardings, then the error for a meta-batch that does not divide.
+_CHILD = r'''
+import json, os, sys
+import jax, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+sys.path.insert(0, {repo!r})
+from configs import protonet_synthetic
+from fewshot import data as data_lib
+from fewshot import train
+out, devices = sys.argv[1], int(sys.argv[2])
+assert jax.device_count() == devices, jax.devices()
+ALGORITHMS = dict(
+    maml=(dict(name='maml', num_ways=5, inner_steps=1,
+               inner_learning_rate=0.4), 'batch'),
+    protonet=(dict(name='protonet'), 'batch_running'))
+report = dict()
+for name, (algorithm_config, norm) in ALGORITHMS.items():
+  config = protonet_synthetic.get_config('steps=3')
+  config.data.num_classes = (12, 5, 5)
+  config.backbone.filters = 8
+  config.backbone.norm = norm
+  config.algorithm = algorithm_config
+  # SGD keeps float-level differences float-level (Adam's normalisation
+  # turns noise in near-zero gradients into full-size steps).
+  config.optimizer = dict(name='sgd', learning_rate=0.05)
+  config.train.ways = 5
+  config.train.meta_batch_size = 4
+  splits, algorithm, optimizer, train_spec, _ = train.build(config)
+  mesh = train.task_mesh()
+  replicated = NamedSharding(mesh, PartitionSpec())
+  state = train.init_state(algorithm, optimizer, splits['train'].images[:2], 0)
+  state = jax.device_put(state, replicated)
+  data = jax.device_put(data_lib.to_device(splits['train']), replicated)
+  step = jax.jit(train.make_train_step(
+      algorithm, optimizer, train_spec, 4,
+      NamedSharding(mesh, PartitionSpec('data'))))
+  losses = []
+  for _ in range(3):
+    state, metrics = step(state, data)
+    losses.append(float(metrics['loss']))
+  leaves = jax.tree.leaves((state.params, state.model_state))
+  np.savez(os.path.join(out, f'{{name}}-{{devices}}.npz'),
+           *[np.asarray(x) for x in leaves])
+  report[name] = losses
+if devices > 1:
+  config.train.meta_batch_size = devices - 1
+  try:
+    train.train_and_evaluate(config, os.path.join(out, 'bad'))
+  except ValueError as error:
+    report['error'] = str(error)
+with open(os.path.join(out, f'report-{{devices}}.json'), 'w') as f:
+  json.dump(report, f)
+'''
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+  out = tmp_path_factory.mktemp('sharding')
+  for devices in (1, 4):
+    env = dict(os.environ, JAX_PLATFORMS='cpu',
+               XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+    result = subprocess.run(
+        [sys.executable, '-c', _CHILD.format(repo=str(REPO)), str(out),
+         str(devices)], env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+  return out
+
+
+def _leaves(path):
+  with np.load(path) as saved:
+    return [saved[k] for k in sorted(saved, key=lambda k: int(k.split('_')[1]))]
+
+
+@pytest.mark.parametrize('name', ['maml', 'protonet'])
+def test_four_devices_match_one(runs, name):
+  one, four = _leaves(runs / f'{name}-1.npz'), _leaves(runs / f'{name}-4.npz')
+  assert len(one) == len(four)
+  for a, b in zip(one, four):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+  losses = [json.loads((runs / f'report-{d}.json').read_text())[name]
+            for d in (1, 4)]
+  np.testing.assert_allclose(losses[1], losses[0], rtol=1e-4)
+  assert losses[0][0] != losses[0][-1]  # the steps trained
+
+
+def test_meta_batch_not_divisible_by_devices_is_a_clear_error(runs):
+  report = json.loads((runs / 'report-4.json').read_text())
+  assert ('meta_batch_size 3 does not divide evenly over 4 devices'
+          in report['error'])
