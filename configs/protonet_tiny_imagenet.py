@@ -8,7 +8,9 @@
 The classes are ImageNet classes: report results of ImageNet-pretrained
 backbones on them as in-domain transfer. Config argument: ways, shots (the
 evaluation task; training uses the same shots), train_ways, steps,
-image_size. Measured results are in WORKSPACE.md.
+image_size. Measured on a 2-core CPU (WORKSPACE.md): `shots=5,steps=2500,image_size=32`
+(32 minutes) gives 5-way 1-shot 43.90 +- 0.79 and 5-way 5-shot 61.64 +- 0.77
+on 600 test episodes.
 """
 
 import os
