@@ -36,6 +36,7 @@ def _backbone(norm='batch', filters=4, num_blocks=2):
                           num_blocks=num_blocks)
 
 
+@functools.partial(jax.jit, static_argnums=0)  # compiled: far faster than eager
 def _loss(algorithm, params, state, episode):
   return episode_loss(algorithm, params, state, episode, jax.random.key(0))[0]
 
