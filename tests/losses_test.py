@@ -31,15 +31,17 @@ def test_meta_batch_loss_is_the_mean_of_episode_losses():
   algorithm = protonet(backbones.create('conv4', filters=8, norm='batch'))
   params, state = algorithm.init(jax.random.key(1), episodes.support_images[0])
   key = jax.random.key(5)
-  loss, (metrics, _) = losses.meta_batch_loss(algorithm, params, state,
-                                              episodes, key)
+  # Compiled: eager op-by-op dispatch of the vmapped custom ops is slow.
+  meta_batch_loss = jax.jit(losses.meta_batch_loss, static_argnums=0)
+  episode_loss = jax.jit(losses.episode_loss, static_argnums=0)
+  loss, (metrics, _) = meta_batch_loss(algorithm, params, state, episodes, key)
   keys = jax.random.split(key, 3)
-  singles = [losses.episode_loss(
+  singles = [episode_loss(
       algorithm, params, state, jax.tree.map(lambda x, t=t: x[t], episodes),
       keys[t])[0] for t in range(3)]
   np.testing.assert_allclose(loss, np.mean(singles), rtol=1e-5)
   assert 0 <= float(metrics['accuracy']) <= 1
-  grads = jax.grad(lambda p: losses.meta_batch_loss(
-      algorithm, p, state, episodes, key)[0])(params)
+  grads = jax.jit(jax.grad(lambda p: losses.meta_batch_loss(
+      algorithm, p, state, episodes, key)[0]))(params)
   assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
   assert any(np.abs(g).max() > 0 for g in jax.tree.leaves(grads))
