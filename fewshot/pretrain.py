@@ -41,7 +41,7 @@ from fewshot.data.augment import crop_and_flip
 from fewshot.data.dataset import ClassDataset
 from fewshot.data.sampling import EpisodeSpec
 from fewshot.evaluate import episode_accuracies, summarize
-from fewshot.train import (TrainState, _MetricsLog, _write_json_atomic,
+from fewshot.train import (TrainState, MetricsLog, write_json_atomic,
                            make_optimizer, task_mesh)
 
 HEADS = ('linear', 'cosine')
@@ -285,7 +285,7 @@ def pretrain_and_evaluate(config: ml_collections.ConfigDict,
   config_dict = config.to_dict()
   config_path = os.path.join(workdir, 'config.json')
   if not os.path.exists(config_path):
-    _write_json_atomic(config_path, config_dict)
+    write_json_atomic(config_path, config_dict)
 
   train_split = splits['train']
   state = init_pretrain_state(backbone, optimizer, train_split.images[:2],
@@ -314,7 +314,7 @@ def pretrain_and_evaluate(config: ml_collections.ConfigDict,
       images_per_chunk=config.eval.images_per_chunk)
   evaluate_val = evaluator(config.eval.val_episodes)
   val_key = jax.random.key(config.eval.seed + 1)
-  log = _MetricsLog(workdir)
+  log = MetricsLog(workdir)
 
   def validate(step: int) -> dict[str, float]:
     accuracies = evaluate_val(state.params, state.model_state, val_data,

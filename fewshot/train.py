@@ -160,14 +160,15 @@ def init_state(algorithm: Algorithm, optimizer: optax.GradientTransformation,
                     rng=jax.random.key_data(run_key))
 
 
-def _write_json_atomic(path: str, obj: Any) -> None:
+def write_json_atomic(path: str, obj: Any) -> None:
+  """Writes `obj` as JSON to a temporary file, then renames it over `path`."""
   tmp = f'{path}.tmp-{os.getpid()}'
   with open(tmp, 'w') as f:
     json.dump(obj, f, indent=2, sort_keys=True)
   os.replace(tmp, path)
 
 
-class _MetricsLog:
+class MetricsLog:
   """Appends one JSON object per line to `workdir/metrics.jsonl`."""
 
   def __init__(self, workdir: str):
@@ -211,7 +212,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   config_path = os.path.join(workdir, 'config.json')
   config_dict = config.to_dict()
   if not os.path.exists(config_path):
-    _write_json_atomic(config_path, config_dict)
+    write_json_atomic(config_path, config_dict)
 
   sample_images = splits['train'].images[:2]
   state = init_state(algorithm, optimizer, sample_images, config.seed)
@@ -233,7 +234,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                                         config.eval.val_episodes,
                                         images_per_chunk=config.eval.images_per_chunk))
   val_key = jax.random.key(config.eval.seed + 1)
-  log = _MetricsLog(workdir)
+  log = MetricsLog(workdir)
 
   def validate(step: int) -> dict[str, float]:
     accuracies = evaluate(state.params, state.model_state, val_data, val_key)
