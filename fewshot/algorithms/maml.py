@@ -21,7 +21,8 @@ leaves only; `remat=True` wraps each inner step in `jax.checkpoint`, so the
 activations of one step at a time are alive during the second-order
 backward pass. Which leaves are adapted in the inner loop (`inner_params`)
 and which receive meta-gradients (`outer_params`) are two independent regex
-partitions of the parameter paths, e.g. 'backbone/conv0/kernel', 'head/bias'.
+partitions of the parameter paths (`fewshot.transfer.path_mask`: a pattern
+matches a whole path or a '/'-bounded prefix of it), e.g. 'backbone/conv0/kernel', 'head/bias'.
 
 BatchNorm in episodes is the backbone's `norm` option: Conv-4's 'batch' is
 the MAML paper's transductive per-task batch statistics; 'batch_running'
@@ -31,7 +32,6 @@ uses batch statistics while adapting and running averages at evaluation.
 from __future__ import annotations
 
 import inspect
-import re
 from typing import Any, Callable, Sequence, Union
 
 import jax
@@ -41,6 +41,7 @@ import optax
 from fewshot.algorithms.base import Algorithm
 from fewshot.algorithms.protonet import prototypes
 from fewshot.backbones.base import Backbone
+from fewshot.transfer.masks import path_mask, path_string
 
 InnerOptimizer = Union[str, Callable[[float], optax.GradientTransformation]]
 
@@ -52,27 +53,6 @@ INNER_OPTIMIZERS: dict[str, Callable[[float], optax.GradientTransformation]] = {
 }
 HEAD_INITS = ('random', 'zeros', 'prototypes')
 MODEL_KEYS = ('backbone', 'head')
-
-
-def path_string(path: Sequence[Any]) -> str:
-  """A pytree key path as 'backbone/conv0/kernel'."""
-  parts = []
-  for key in path:
-    for attribute in ('key', 'name', 'idx'):
-      if hasattr(key, attribute):
-        parts.append(str(getattr(key, attribute)))
-        break
-    else:
-      parts.append(str(key))
-  return '/'.join(parts)
-
-
-def path_mask(params: Any, patterns: Sequence[str]) -> Any:
-  """Bool pytree: True where the leaf's path fully matches one of `patterns`."""
-  compiled = [re.compile(p) for p in patterns]
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: any(c.fullmatch(path_string(path)) for c in compiled),
-      params)
 
 
 def _check_patterns(params: Any, patterns: Sequence[str], what: str) -> None:
