@@ -1,6 +1,11 @@
 """Evaluates a workdir's latest checkpoint; the last line printed is JSON.
 
   python experiments/evaluate.py --config configs/protonet_omniglot.py --workdir runs/proto
+  python experiments/evaluate.py --config configs/transfer_tiny_imagenet.py:backbone=efficientnet_lite0
+
+Without --workdir the configured model itself is evaluated: a pretrained
+backbone (`config.backbone.weights`) with a linear probe, SimpleShot or
+per-episode fine-tuning.
   python experiments/evaluate.py --config configs/protonet_omniglot.py --workdir runs/proto \
       --protocol omniglot_runs --runs_dir path/to/all_runs
 """
@@ -18,7 +23,9 @@ from fewshot.ops import tune_malloc
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config.',
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir written by train.py.')
+_WORKDIR = flags.DEFINE_string(
+    'workdir', None, 'Workdir written by train.py; omit it to evaluate the '
+    'configured pretrained backbone (config.backbone.weights) as it is.')
 _PROTOCOL = flags.DEFINE_enum('protocol', 'episodes',
                               ['episodes', 'omniglot_runs'],
                               'Seeded test episodes, or Lake et al.\'s runs.')
@@ -33,8 +40,9 @@ def main(argv: Sequence[str]) -> None:
   quiet_library_logs()
   tune_malloc()  # before any JAX work; see fewshot/ops/__init__.py
   if _PROTOCOL.value == 'omniglot_runs':
-    if not _RUNS_DIR.value:
-      raise app.UsageError('--protocol omniglot_runs needs --runs_dir.')
+    if not _RUNS_DIR.value or not _WORKDIR.value:
+      raise app.UsageError('--protocol omniglot_runs needs --runs_dir and '
+                           '--workdir.')
     result = train.evaluate_omniglot_runs(_CONFIG.value, _WORKDIR.value,
                                           _RUNS_DIR.value)
     print(f"error rate {result['error_rate']:.2f}% over "
@@ -50,5 +58,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['config', 'workdir'])
+  flags.mark_flags_as_required(['config'])
   app.run(main)

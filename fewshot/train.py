@@ -23,12 +23,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fewshot import backbones
 from fewshot import data as data_lib
+from fewshot import features as features_lib
 from fewshot._utils import check_options
 from fewshot.algorithms import ALGORITHMS
 from fewshot.algorithms.base import Algorithm
 from fewshot.checkpoint import Checkpointer
 from fewshot.data.sampling import DeviceDataset, EpisodeSpec
 from fewshot.evaluate import episode_accuracies, summarize
+from fewshot.features import FEATURE_ALGORITHMS
 from fewshot.losses import meta_batch_loss
 
 
@@ -111,43 +113,60 @@ def make_train_step(algorithm: Algorithm, optimizer: optax.GradientTransformatio
   return train_step
 
 
+def _build_backbone(config: ml_collections.ConfigDict, *,
+                    pretrained: bool) -> backbones.Backbone:
+  backbone_options = dict(config.backbone)
+  if not pretrained:
+    backbone_options.pop('weights', None)
+  return backbones.create(backbone_options.pop('name'), **backbone_options)
+
+
+def _build_algorithm(config: ml_collections.ConfigDict,
+                     backbone: backbones.Backbone) -> Algorithm:
+  algorithm_options = dict(config.algorithm)
+  name = algorithm_options.pop('name')
+  if name not in ALGORITHMS:
+    raise ValueError(f'Unknown algorithm {name!r}; known: {sorted(ALGORITHMS)}.')
+  check_options(ALGORITHMS[name], algorithm_options, f'algorithm {name!r}')
+  return ALGORITHMS[name](backbone, **algorithm_options)
+
+
+def _load_splits(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  data_options = dict(config.data)
+  splits = data_lib.load_splits(data_options.pop('name'), **data_options)
+  for split in ('train', 'val', 'test'):
+    if split not in splits:
+      raise ValueError(f'The dataset has no {split!r} split.')
+  return splits
+
+
+def _eval_spec(config: ml_collections.ConfigDict, splits) -> EpisodeSpec:
+  eval_spec = EpisodeSpec(config.eval.ways, config.eval.shots,
+                          config.eval.queries)
+  for split in ('val', 'test'):
+    data_lib.check_spec(eval_spec, splits[split].class_counts(),
+                        splits[split].class_names, f'meta-{split} split')
+  return eval_spec
+
+
 def build(config: ml_collections.ConfigDict, *, pretrained: bool = True):
   """Builds `(splits, algorithm, optimizer, train_spec, eval_spec)` from a config.
 
   With `pretrained=False` a `config.backbone.weights` source is not read (a
   run's own checkpoint supersedes the weights it started from).
   """
-  data_options = dict(config.data)
-  splits = data_lib.load_splits(data_options.pop('name'), **data_options)
-  for split in ('train', 'val', 'test'):
-    if split not in splits:
-      raise ValueError(f'The dataset has no {split!r} split.')
-
-  backbone_options = dict(config.backbone)
-  if not pretrained:
-    backbone_options.pop('weights', None)
-  backbone = backbones.create(backbone_options.pop('name'), **backbone_options)
-  algorithm_options = dict(config.algorithm)
-  name = algorithm_options.pop('name')
-  if name not in ALGORITHMS:
-    raise ValueError(f'Unknown algorithm {name!r}; known: {sorted(ALGORITHMS)}.')
-  check_options(ALGORITHMS[name], algorithm_options, f'algorithm {name!r}')
-  algorithm = ALGORITHMS[name](backbone, **algorithm_options)
-
+  splits = _load_splits(config)
+  algorithm = _build_algorithm(config,
+                               _build_backbone(config, pretrained=pretrained))
   optimizer_options = dict(config.optimizer)
   check_options(make_optimizer, optimizer_options, 'the optimizer')
   optimizer = make_optimizer(num_steps=config.train.num_steps,
                              **optimizer_options)
   train_spec = EpisodeSpec(config.train.ways, config.train.shots,
                            config.train.queries)
-  eval_spec = EpisodeSpec(config.eval.ways, config.eval.shots,
-                          config.eval.queries)
   data_lib.check_spec(train_spec, splits['train'].class_counts(),
                       splits['train'].class_names, 'meta-train split')
-  for split in ('val', 'test'):
-    data_lib.check_spec(eval_spec, splits[split].class_counts(),
-                        splits[split].class_names, f'meta-{split} split')
-  return splits, algorithm, optimizer, train_spec, eval_spec
+  return splits, algorithm, optimizer, train_spec, _eval_spec(config, splits)
 
 
 def init_state(algorithm: Algorithm, optimizer: optax.GradientTransformation,
@@ -313,26 +332,77 @@ def restore_workdir(config: ml_collections.ConfigDict, workdir: str):
           int(state.step))
 
 
-def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, *,
-                     split: str = 'test') -> dict[str, Any]:
-  """Accuracy and 95% CI of a workdir's checkpoint on seeded episodes.
+def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str | None,
+                     *, split: str = 'test') -> dict[str, Any]:
+  """Accuracy and 95% CI of a model on seeded episodes of `split`.
 
-  Uses `config.eval` (ways, shots, queries, num_episodes, seed): the same
-  episodes for every model evaluated with the same settings.
+  The model is the latest checkpoint of `workdir`, or, with `workdir=None`,
+  the configured model as built from `config.backbone.weights` (a
+  pretrained backbone evaluated by a feature-based algorithm such as a
+  linear probe, or fine-tuned per episode). Uses `config.eval` (ways, shots,
+  queries, num_episodes, seed): the same episodes for every model evaluated
+  with the same settings. With `config.eval.precompute_features`, the
+  split is embedded once by the frozen backbone and the episodes are drawn
+  over its features (`fewshot.features`); this needs an algorithm in
+  `FEATURE_ALGORITHMS` and a backbone whose evaluation mode treats images
+  independently (not `norm='batch'`).
   """
-  algorithm, params, model_state, splits, spec, step = restore_workdir(
-      config, workdir)
-  evaluate = jax.jit(episode_accuracies(algorithm, spec,
-                                        config.eval.num_episodes,
-                                        images_per_chunk=config.eval.images_per_chunk))
+  precomputed = bool(config.eval.get('precompute_features', False))
+  if precomputed:
+    name = config.algorithm.name
+    if name not in FEATURE_ALGORITHMS:
+      raise ValueError(
+          f'eval.precompute_features needs a frozen-feature algorithm '
+          f'({", ".join(FEATURE_ALGORITHMS)}); {name!r} adapts the backbone.')
+    if config.backbone.get('norm') == 'batch':
+      raise ValueError(
+          "eval.precompute_features needs per-image features, but norm='batch' "
+          'normalises each episode with its own statistics.')
+  if workdir is None:
+    if not config.backbone.get('weights'):
+      raise ValueError('Nothing to evaluate: give a workdir with checkpoints, '
+                       'or config.backbone.weights (a pretrain workdir or a '
+                       "named source such as 'imagenet').")
+    splits = _load_splits(config)
+    spec = _eval_spec(config, splits)
+    backbone = _build_backbone(config, pretrained=True)
+    algorithm = _build_algorithm(config, backbone)
+    params, model_state = algorithm.init(
+        jax.random.key(config.seed), jnp.asarray(splits[split].images[:2]))
+    step = 0
+  else:
+    algorithm, params, model_state, splits, spec, step = restore_workdir(
+        config, workdir)
+    backbone = _build_backbone(config, pretrained=False)
   start = time.time()
-  accuracies = evaluate(params, model_state, data_lib.to_device(splits[split]),
+  data = data_lib.to_device(splits[split])
+  extract_seconds = None
+  if precomputed:
+    data = features_lib.precompute(
+        backbone, params['backbone'], model_state, data,
+        batch_size=config.eval.get('feature_batch_size', 256))
+    jax.block_until_ready(data.images)
+    extract_seconds = round(time.time() - start, 2)
+    algorithm = _build_algorithm(config, backbones.identity_backbone())
+    params = {**params, 'backbone': {}}
+    model_state = {}
+  evaluate = jax.jit(episode_accuracies(
+      algorithm, spec, config.eval.num_episodes,
+      images_per_chunk=config.eval.images_per_chunk))
+  accuracies = evaluate(params, model_state, data,
                         jax.random.key(config.eval.seed))
   result = summarize(np.asarray(accuracies))
   result.update(split=split, step=step, ways=spec.num_ways,
                 shots=spec.num_shots, queries=spec.num_queries,
+                algorithm=config.algorithm.name,
+                backbone=config.backbone.name,
+                weights=config.backbone.get('weights') if workdir is None
+                else workdir,
                 norm=config.backbone.get('norm'),
                 seconds=round(time.time() - start, 2))
+  if precomputed:
+    result.update(precomputed_features=True,
+                  feature_seconds=extract_seconds)
   return result
 
 

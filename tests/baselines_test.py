@@ -233,6 +233,32 @@ def test_fine_tune_keeps_frozen_backbone_bit_identical():
       assert same == (name != 'conv1'), (name, leaf)
 
 
+def test_fine_tune_gradual_unfreezing_trains_the_head_first():
+  splits = synthetic_splits(num_classes=(4, 1, 1), images_per_class=4,
+                            image_size=16)
+  data = sampling.to_device(splits['train'])
+  episode = sampling.sample_episode(jax.random.key(0), data,
+                                    sampling.EpisodeSpec(3, 2, 1))
+  backbone = backbones.create('conv4', filters=8, norm='batch_running',
+                              num_blocks=2)
+  params, state = backbone.init(jax.random.key(1), episode.support_images)
+  meta_params = {'backbone': params}
+  stages = [(0, ['head']), (2, ['head', 'backbone/conv1']), (3, ['.*'])]
+  moved = {}
+  for steps in (2, 3, 4):
+    algorithm = baselines.fine_tune(backbone, steps=steps, unfreeze=stages)
+    task_params, _ = jax.jit(algorithm.adapt, static_argnums=4)(
+        meta_params, state, episode, jax.random.key(0), False)
+    moved[steps] = {name: not np.array_equal(task_params['backbone'][name]
+                                             ['kernel'], leaf['kernel'])
+                    for name, leaf in params.items() if 'kernel' in leaf}
+  assert moved[2] == {'conv0': False, 'conv1': False}  # head only
+  assert moved[3] == {'conv0': False, 'conv1': True}   # + the top block
+  assert moved[4] == {'conv0': True, 'conv1': True}    # everything
+  with pytest.raises(ValueError, match='step 0'):
+    baselines.fine_tune(backbone, unfreeze=[(5, ['.*'])])
+
+
 def _contract_algorithms():
   return {
       'ridge': functools.partial(baselines.linear_probe, solver='ridge'),

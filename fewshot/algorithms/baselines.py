@@ -27,7 +27,8 @@ from fewshot.transfer.finetune import (fit, inner_optimizer, linear_logits,
                                        prototype_head, zeros_head)
 from fewshot.transfer.masks import freeze, path_mask
 from fewshot.transfer.regularizers import l2sp_penalty
-from fewshot.transfer.schedules import layerwise_lr_scales, scale_by_tree
+from fewshot.transfer.schedules import (gradual_unfreezing,
+                                       layerwise_lr_scales, scale_by_tree)
 
 SOLVERS = ('ridge', 'logistic')
 FORMS = ('auto', 'primal', 'dual')
@@ -341,10 +342,11 @@ def fine_tune(backbone: Backbone, *, steps: int = 20,
               optimizer: str | optax.GradientTransformation = 'adam',
               trainable: Sequence[str] = ('.*',),
               layers: Sequence[str | Sequence[str]] | None = None,
-              layer_decay: float = 1.0, l2sp: float = 0.0,
-              head_l2: float = 0.0, head_init: str = 'prototypes',
-              normalize: bool = True, meta_gradient: bool = False
-              ) -> Algorithm:
+              layer_decay: float = 1.0,
+              unfreeze: Sequence[tuple[int, Sequence[str]]] | None = None,
+              l2sp: float = 0.0, head_l2: float = 0.0,
+              head_init: str = 'prototypes', normalize: bool = True,
+              meta_gradient: bool = False) -> Algorithm:
   """Fine-tunes the backbone and a new linear head on each support set.
 
   The parameters `{'backbone': ..., 'head': {'kernel': [D, N], 'bias': [N]}}`
@@ -375,6 +377,11 @@ def fine_tune(backbone: Backbone, *, steps: int = 20,
       for Conv-4) for discriminative learning rates: the group `i` levels
       below the top trains at `learning_rate * layer_decay ** i`.
     layer_decay: the ratio between neighbouring layer groups.
+    unfreeze: optional gradual unfreezing (`fewshot.transfer.
+      gradual_unfreezing`): `(start_step, patterns)` stages over the same
+      paths, e.g. `[(0, ['head']), (10, ['head', 'backbone/top.*']),
+      (20, ['.*'])]` trains the head alone for 10 steps, then adds the top
+      block, then everything. Leaves outside `trainable` never train.
     l2sp: L2-SP strength toward the pretrained backbone.
     head_l2: L2 strength on the head kernel.
     head_init: 'prototypes' (the nearest-prototype classifier) or 'zeros'.
@@ -390,6 +397,12 @@ def fine_tune(backbone: Backbone, *, steps: int = 20,
     raise ValueError(f'head_init must be one of {HEAD_INITS}, got '
                      f'{head_init!r}.')
   trainable = tuple(trainable)
+  if unfreeze is not None:
+    unfreeze = tuple((int(start), tuple(patterns))
+                     for start, patterns in unfreeze)
+    if not unfreeze or unfreeze[0][0] != 0:
+      raise ValueError('unfreeze must start with a stage at step 0 (the '
+                       f'leaves trained first), got {unfreeze}.')
 
   def features(backbone_params, model_state, images):
     embeddings, _ = backbone.apply(backbone_params, model_state, images, False)
@@ -406,7 +419,8 @@ def fine_tune(backbone: Backbone, *, steps: int = 20,
                                    learning_rate, params['head'])}
     tx = optax.chain(inner_optimizer(optimizer, learning_rate),
                      scale_by_tree(scales))
-    return freeze(tx, path_mask(params, trainable))
+    tx = freeze(tx, path_mask(params, trainable))
+    return tx if unfreeze is None else gradual_unfreezing(unfreeze, tx)
 
   def adapt(meta_params, model_state, episode, key, train):
     del key, train  # Deterministic; BatchNorm stays in evaluation mode.

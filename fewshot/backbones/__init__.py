@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from fewshot.backbones.base import Backbone, from_flax
+from fewshot.backbones.base import (Backbone, adapt_images, from_flax,
+                                    identity_backbone, with_input_adapter)
 from fewshot.backbones.conv4 import Conv4
 from fewshot.backbones.efficientnet_lite import EfficientNetLite
 from fewshot.backbones.loading import Loaded, load
@@ -19,15 +20,26 @@ BACKBONES = {
 }
 
 
-def create(name: str, weights: str | None = None, **kwargs: Any) -> Backbone:
+def create(name: str, weights: str | None = None, *,
+           input_size: int | None = None, input_channels: int | None = None,
+           **kwargs: Any) -> Backbone:
   """Builds the named backbone; kwargs are the module's attributes.
 
   With `weights` (a pretrain/train workdir or a named source, see `load`),
   the backbone's `init` returns those weights instead of a random init, so
   `config.backbone.weights` makes any config start from them.
+  `input_size` / `input_channels` resize images and repeat a grayscale
+  channel on the device before the module (`with_input_adapter`), e.g. to
+  feed 64x64 or 28x28x1 images to an ImageNet backbone.
   """
   if weights is not None:
-    return load(name, weights, **kwargs).backbone
+    return with_input_adapter(load(name, weights, **kwargs).backbone,
+                              input_size, input_channels)
+  return with_input_adapter(_create(name, **kwargs), input_size,
+                            input_channels)
+
+
+def _create(name: str, **kwargs: Any) -> Backbone:
   if name not in BACKBONES:
     raise ValueError(f'Unknown backbone {name!r}; known: {sorted(BACKBONES)}.')
   module_class = BACKBONES[name]
@@ -41,4 +53,5 @@ def create(name: str, weights: str | None = None, **kwargs: Any) -> Backbone:
 
 
 __all__ = ['BACKBONES', 'Backbone', 'Conv4', 'EfficientNetLite', 'Loaded',
-           'ResNet12', 'ResNet18', 'create', 'from_flax', 'load']
+           'ResNet12', 'ResNet18', 'adapt_images', 'create', 'from_flax',
+           'identity_backbone', 'load', 'with_input_adapter']

@@ -1,0 +1,71 @@
+"""Feature extraction with a frozen backbone, and episodes over stored features.
+
+A frozen backbone in evaluation mode maps each image to the same features in
+every episode, so a split can be embedded once and its episodes drawn over the
+stored `[M, D]` features: a linear probe, SimpleShot or ProtoNet evaluation of
+600 episodes then costs one pass over the split's images instead of one per
+episode, and the probes run in one compiled call over `identity_backbone`.
+This is exact only for backbones whose evaluation mode treats images
+independently (running BatchNorm statistics, not transductive batch
+statistics); `precompute` cannot check that, `train.evaluate_workdir` does.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from fewshot.backbones.base import Backbone, ModelState, Params
+from fewshot.data.sampling import DeviceDataset
+
+# Algorithms whose adaptation and prediction only see a frozen backbone's
+# evaluation-mode features, so they can run on `precompute`d features.
+FEATURE_ALGORITHMS = ('protonet', 'linear_probe', 'simpleshot', 'baseline_pp')
+
+
+def extract_features(backbone: Backbone, params: Params,
+                     model_state: ModelState, images: jax.Array, *,
+                     batch_size: int = 256) -> jax.Array:
+  """`[M, H, W, C]` images -> `[M, D]` evaluation-mode features.
+
+  One compiled `lax.map` over batches of `batch_size` images (the last one
+  padded), so memory stays bounded by one batch's activations. Jit-able.
+  """
+  num_images = images.shape[0]
+  batch_size = max(1, min(batch_size, num_images))
+  num_batches = -(-num_images // batch_size)
+  padding = num_batches * batch_size - num_images
+  padded = jnp.concatenate(
+      [images, jnp.zeros((padding, *images.shape[1:]), images.dtype)])
+  batches = padded.reshape(num_batches, batch_size, *images.shape[1:])
+
+  def embed(batch):
+    return backbone.apply(params, model_state, batch, False)[0]
+
+  features = jax.lax.map(embed, batches)
+  return features.reshape(num_batches * batch_size, -1)[:num_images]
+
+
+@functools.partial(jax.jit, static_argnames=('backbone', 'batch_size'))
+def _extract_jit(backbone, params, model_state, images, batch_size):
+  return extract_features(backbone, params, model_state, images,
+                          batch_size=batch_size)
+
+
+def precompute(backbone: Backbone, params: Params, model_state: ModelState,
+               data: DeviceDataset, *, batch_size: int = 256
+               ) -> DeviceDataset:
+  """`data` with its images replaced by their features `[M, D]` (float32).
+
+  Episodes sampled from the result carry features where images were; run
+  the algorithm with `fewshot.backbones.identity_backbone()` (and
+  `{'backbone': {}}` in its meta-parameters) to evaluate it on them.
+  """
+  features = _extract_jit(backbone, params, model_state, data.images,
+                          batch_size)
+  return data.replace(images=features.astype(jnp.float32))
+
+
+__all__ = ['FEATURE_ALGORITHMS', 'extract_features', 'precompute']
