@@ -10,7 +10,7 @@ from jax import lax
 from jax.test_util import check_grads
 
 from fewshot.ops import conv as conv_lib
-from fewshot.ops import conv2d, max_pool_2x2
+from fewshot.ops import conv2d, depthwise_conv2d, max_pool_2x2
 
 _DIMS = ('NHWC', 'HWIO', 'NHWC')
 
@@ -246,3 +246,50 @@ def test_max_pool_rejects_bad_shapes():
     max_pool_2x2(jnp.zeros((4, 4, 3)))
   with pytest.raises(ValueError, match='at least 2x2'):
     max_pool_2x2(jnp.zeros((1, 1, 4, 3)))
+
+
+# --- depthwise convolution ----------------------------------------------------
+
+_DEPTHWISE_CASES = [  # (H, W, C, k, stride, pads)
+    (9, 9, 3, 3, 1, ((1, 1), (1, 1))),
+    (10, 7, 4, 3, 2, ((0, 1), (1, 1))),
+    (11, 11, 2, 5, 2, ((1, 2), (2, 2))),
+    (8, 8, 5, 5, 1, ((2, 2), (0, 0))),
+    (7, 9, 3, 3, 2, ((0, 0), (0, 0))),  # rows/columns no window reaches
+]
+
+
+def _lax_depthwise(x, w, stride, pads):
+  return lax.conv_general_dilated(
+      x, w, (stride, stride), pads, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      feature_group_count=x.shape[-1])
+
+
+@pytest.mark.parametrize('case', _DEPTHWISE_CASES)
+def test_depthwise_values_and_gradients_match_lax(case):
+  h, w_, c, k, stride, pads = case
+  rng = np.random.default_rng(sum(case[:5]))
+  x = jnp.asarray(rng.normal(size=(2, h, w_, c)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(k, k, 1, c)), jnp.float32)
+  ours = lambda x, w: depthwise_conv2d(x, w, strides=stride, padding=pads,
+                                       impl='cpu')
+  theirs = lambda x, w: _lax_depthwise(x, w, stride, pads)
+  np.testing.assert_allclose(ours(x, w), theirs(x, w), rtol=1e-5, atol=1e-5)
+  loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))
+  for got, want in zip(jax.grad(loss(ours), (0, 1))(x, w),
+                       jax.grad(loss(theirs), (0, 1))(x, w)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  # Second order: the gradient of a gradient norm.
+  second = lambda f: jax.grad(lambda w: jnp.sum(
+      jax.grad(loss(f))(x, w) ** 2))(w)
+  np.testing.assert_allclose(second(ours), second(theirs), rtol=1e-3,
+                             atol=1e-3)
+
+
+def test_depthwise_rejects_bad_arguments():
+  with pytest.raises(ValueError, match='channels differ'):
+    depthwise_conv2d(jnp.zeros((1, 4, 4, 3)), jnp.zeros((3, 3, 1, 2)),
+                     padding=((1, 1), (1, 1)))
+  with pytest.raises(ValueError, match='non-negative'):
+    depthwise_conv2d(jnp.zeros((1, 4, 4, 2)), jnp.zeros((3, 3, 1, 2)),
+                     padding=((-1, 1), (1, 1)))

@@ -4,9 +4,10 @@ import ctypes
 import sys
 
 from fewshot.ops.conv import conv2d
+from fewshot.ops.depthwise import depthwise_conv2d
 from fewshot.ops.pool import max_pool_2x2
 
-__all__ = ['conv2d', 'max_pool_2x2', 'tune_malloc']
+__all__ = ['conv2d', 'depthwise_conv2d', 'max_pool_2x2', 'tune_malloc']
 
 
 def tune_malloc() -> bool:
