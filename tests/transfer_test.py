@@ -291,3 +291,37 @@ def test_linear_probe_transfer_report_runs_on_a_tiny_dataset():
     transfer.linear_probe_transfer_report(backbone, params, state, data,
                                           shots=(4,), num_ways=3,
                                           num_queries=2, num_episodes=2)
+
+
+def test_fit_in_stages_equals_one_scan_and_skips_frozen_gradients():
+  rng = np.random.default_rng(7)
+  inputs = jnp.asarray(rng.normal(size=(8, 3)), jnp.float32)
+  targets = jnp.asarray(rng.normal(size=(8, 2)), jnp.float32)
+  params = {'body': {'kernel': jnp.asarray(rng.normal(size=(3, 4)),
+                                           jnp.float32)},
+            'head': {'kernel': jnp.asarray(rng.normal(size=(4, 2)),
+                                           jnp.float32)}}
+
+  def loss_fn(p):
+    hidden = jnp.tanh(inputs @ p['body']['kernel'])
+    return jnp.mean(jnp.square(hidden @ p['head']['kernel'] - targets))
+
+  schedule = [(0, ['head']), (3, ['.*'])]
+  optimizer = transfer.gradual_unfreezing(schedule, optax.adam(0.05))
+  whole, whole_losses = transfer.fit(loss_fn, params, optimizer, 6)
+  stages = [(start, transfer.path_mask(params, patterns))
+            for start, patterns in schedule]
+  staged, staged_losses = jax.jit(lambda p: transfer.fit(
+      loss_fn, p, optimizer, 6, stages=stages))(params)
+  np.testing.assert_allclose(staged_losses, whole_losses, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(staged), jax.tree.leaves(whole)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  # The body moved only in the second stage; the first stage's backward pass
+  # never reached it (its gradient under the stage mask is exactly zero).
+  body_grad = jax.grad(lambda p: loss_fn(jax.tree.map(
+      lambda x, m: x if m else jax.lax.stop_gradient(x), p, stages[0][1])))(
+          params)['body']['kernel']
+  assert float(jnp.abs(body_grad).max()) == 0.0
+  assert not np.allclose(staged['body']['kernel'], params['body']['kernel'])
+  with pytest.raises(ValueError, match='begin at 0'):
+    transfer.fit(loss_fn, params, optimizer, 6, stages=[(1, stages[0][1])])

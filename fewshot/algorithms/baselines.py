@@ -447,7 +447,14 @@ def fine_tune(backbone: Backbone, *, steps: int = 20,
           logits, episode.support_labels).mean()
       return cross_entropy + l2sp_penalty(params, reference, strengths)
 
-    params, _ = fit(loss_fn, params, make_optimizer(params), steps)
+    stages = None
+    if unfreeze is not None:
+      trainable_mask = path_mask(params, trainable)
+      stages = [(start, jax.tree.map(
+          lambda a, b: a and b, path_mask(params, patterns), trainable_mask))
+                for start, patterns in unfreeze]
+    params, _ = fit(loss_fn, params, make_optimizer(params), steps,
+                    stages=stages)
     return params, model_state
 
   def predict(meta_params, model_state, task_params, images, train):
