@@ -141,6 +141,10 @@ class SameConv(nn.Module):
       # XLA:CPU's grouped convolution is 6-28x slower than shifted sums.
       return depthwise_conv2d(x, kernel, strides=self.strides,
                               padding=padding)
+    if k == 1 and self.strides == 1:
+      # A pointwise conv is a matmul; so are its gradients (XLA:CPU's
+      # weight-gradient convolution is several times slower).
+      return jnp.einsum('bhwi,io->bhwo', x, kernel[0, 0].astype(x.dtype))
     return jax.lax.conv_general_dilated(
         x, kernel.astype(x.dtype), (self.strides, self.strides), padding,
         dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
