@@ -30,7 +30,7 @@ from fewshot.config_args import parse_arg
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = parse_arg(arg, episodes=300, input_size=84, scratch_steps=100,
+  args = parse_arg(arg, episodes=200, input_size=84, scratch_steps=50,
                    mmd_images=500)
   data_options = dict(manual_dir=os.environ.get('FEWSHOT_MANUAL_DIR'),
                       data_dir=os.environ.get('FEWSHOT_DATA_DIR'))

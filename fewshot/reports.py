@@ -55,6 +55,7 @@ def _accuracies_fn(section, data, config, sample_images):
   """`shots -> [E] accuracies` of one model on the target episodes."""
   (algorithm, algorithm_options, params, model_state, backbone, precompute,
    name) = _model(section, sample_images, config.seed)
+  embedding = (backbone, params['backbone'], model_state)
   if precompute:
     start = time.time()
     data = features_lib.precompute(
@@ -81,7 +82,7 @@ def _accuracies_fn(section, data, config, sample_images):
                  100 * result.mean(), time.time() - start)
     return result
 
-  return accuracies, (backbone, params, model_state)
+  return accuracies, embedding
 
 
 def _sample(images: np.ndarray, count: int, seed: int) -> np.ndarray:
@@ -113,7 +114,7 @@ def negative_transfer_report(config: ml_collections.ConfigDict
                                 **target_options)[target_split]
   data = data_lib.to_device(target)
   sample_images = target.images[:2]
-  pretrained, (backbone, params, model_state) = _accuracies_fn(
+  pretrained, (backbone, backbone_params, model_state) = _accuracies_fn(
       config.pretrained, data, config, sample_images)
   scratch, _ = _accuracies_fn(config.scratch, data, config, sample_images)
   report = transfer_report(pretrained, scratch, tuple(config.sizes),
@@ -131,7 +132,7 @@ def negative_transfer_report(config: ml_collections.ConfigDict
     source = data_lib.load_splits(source_options.pop('name'),
                                   **source_options)[source_split]
     embed = jax.jit(lambda x: features_lib.extract_features(
-        backbone, params['backbone'], model_state, x, batch_size=250))
+        backbone, backbone_params, model_state, x, batch_size=250))
     source_features = embed(jnp.asarray(_sample(source.images, 2 * count,
                                                 config.seed)))
     target_features = embed(jnp.asarray(_sample(target.images, count,
