@@ -13,11 +13,14 @@ statistics); `precompute` cannot check that, `train.evaluate_workdir` does.
 from __future__ import annotations
 
 import functools
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
-from fewshot.backbones.base import Backbone, ModelState, Params
+from fewshot.algorithms.base import Algorithm
+from fewshot.backbones.base import (Backbone, ModelState, Params,
+                                    identity_backbone)
 from fewshot.data.sampling import DeviceDataset
 
 # Algorithms whose adaptation and prediction only see a frozen backbone's
@@ -68,4 +71,31 @@ def precompute(backbone: Backbone, params: Params, model_state: ModelState,
   return data.replace(images=features.astype(jnp.float32))
 
 
-__all__ = ['FEATURE_ALGORITHMS', 'extract_features', 'precompute']
+def on_features(make_algorithm: Callable[[Backbone], Algorithm],
+                backbone: Backbone, meta_params: dict[str, Any],
+                model_state: ModelState, data: DeviceDataset, *,
+                batch_size: int = 256
+                ) -> tuple[Algorithm, dict[str, Any], ModelState,
+                           DeviceDataset]:
+  """Moves a frozen-feature evaluation onto precomputed features.
+
+  Args:
+    make_algorithm: `backbone -> Algorithm`, the learner's factory.
+    backbone, meta_params, model_state: the model as built, with the
+      backbone's parameters under `meta_params['backbone']`.
+    data: the split to evaluate.
+    batch_size: images per feature-extraction batch.
+
+  Returns:
+    `(algorithm, meta_params, model_state, data)` to evaluate instead: the
+    learner over `identity_backbone()`, its meta-parameters without the
+    backbone's, no model state, and the split as features `[M, D]`.
+  """
+  data = precompute(backbone, meta_params['backbone'], model_state, data,
+                    batch_size=batch_size)
+  return (make_algorithm(identity_backbone()),
+          {**meta_params, 'backbone': {}}, {}, data)
+
+
+__all__ = ['FEATURE_ALGORITHMS', 'extract_features', 'on_features',
+           'precompute']

@@ -11,6 +11,7 @@ target feature distributions are compared by MMD.
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -20,53 +21,36 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from fewshot import backbones
 from fewshot import data as data_lib
 from fewshot import features as features_lib
-from fewshot._utils import check_options
-from fewshot.algorithms import ALGORITHMS
+from fewshot import train
 from fewshot.data.sampling import EpisodeSpec, check_spec
 from fewshot.evaluate import episode_accuracies
 from fewshot.transfer.diagnostics import mmd, transfer_report
 
 
-def _model(section: ml_collections.ConfigDict, sample_images: np.ndarray,
-           seed: int):
-  """`(algorithm, meta_params, model_state, backbone, precompute)`."""
-  backbone_options = dict(section.backbone)
-  backbone = backbones.create(backbone_options.pop('name'), **backbone_options)
-  algorithm_options = dict(section.algorithm)
-  name = algorithm_options.pop('name')
-  if name not in ALGORITHMS:
-    raise ValueError(f'Unknown algorithm {name!r}; known: {sorted(ALGORITHMS)}.')
-  check_options(ALGORITHMS[name], algorithm_options, f'algorithm {name!r}')
-  algorithm = ALGORITHMS[name](backbone, **algorithm_options)
-  params, model_state = jax.jit(algorithm.init)(jax.random.key(seed),
-                                                jnp.asarray(sample_images))
-  precompute = bool(section.get('precompute_features', False))
-  if precompute and name not in features_lib.FEATURE_ALGORITHMS:
-    raise ValueError(f'precompute_features needs one of '
-                     f'{features_lib.FEATURE_ALGORITHMS}, not {name!r}.')
-  return (algorithm, algorithm_options, params, model_state, backbone,
-          precompute, name)
-
-
 def _accuracies_fn(section, data, config, sample_images):
-  """`shots -> [E] accuracies` of one model on the target episodes."""
-  (algorithm, algorithm_options, params, model_state, backbone, precompute,
-   name) = _model(section, sample_images, config.seed)
+  """`shots -> [E] accuracies` of one model on the target episodes.
+
+  Also returns `(backbone, backbone_params, model_state)` as built.
+  """
+  backbone = train.build_backbone(section)
+  algorithm = train.build_algorithm(section, backbone)
+  params, model_state = jax.jit(algorithm.init)(jax.random.key(config.seed),
+                                                jnp.asarray(sample_images))
   embedding = (backbone, params['backbone'], model_state)
-  if precompute:
+  if section.get('precompute_features', False):
+    if section.algorithm.name not in features_lib.FEATURE_ALGORITHMS:
+      raise ValueError(f'precompute_features needs one of '
+                       f'{features_lib.FEATURE_ALGORITHMS}, not '
+                       f'{section.algorithm.name!r}.')
     start = time.time()
-    data = features_lib.precompute(
-        backbone, params['backbone'], model_state, data,
-        batch_size=section.get('feature_batch_size', 256))
+    algorithm, params, model_state, data = features_lib.on_features(
+        functools.partial(train.build_algorithm, section), backbone, params,
+        model_state, data, batch_size=section.get('feature_batch_size', 256))
     jax.block_until_ready(data.images)
     logging.info('%s: target features %s in %.1f s', section.label,
                  data.images.shape, time.time() - start)
-    algorithm = ALGORITHMS[name](backbones.identity_backbone(),
-                                 **algorithm_options)
-    params, model_state = {**params, 'backbone': {}}, {}
   counts = np.asarray(data.class_counts)
 
   def accuracies(shots: int) -> np.ndarray:

@@ -113,16 +113,18 @@ def make_train_step(algorithm: Algorithm, optimizer: optax.GradientTransformatio
   return train_step
 
 
-def _build_backbone(config: ml_collections.ConfigDict, *,
-                    pretrained: bool) -> backbones.Backbone:
+def build_backbone(config: ml_collections.ConfigDict, *,
+                   pretrained: bool = True) -> backbones.Backbone:
+  """The backbone of `config.backbone` (with its `weights` if `pretrained`)."""
   backbone_options = dict(config.backbone)
   if not pretrained:
     backbone_options.pop('weights', None)
   return backbones.create(backbone_options.pop('name'), **backbone_options)
 
 
-def _build_algorithm(config: ml_collections.ConfigDict,
-                     backbone: backbones.Backbone) -> Algorithm:
+def build_algorithm(config: ml_collections.ConfigDict,
+                    backbone: backbones.Backbone) -> Algorithm:
+  """`config.algorithm` (a registered name and its options) on `backbone`."""
   algorithm_options = dict(config.algorithm)
   name = algorithm_options.pop('name')
   if name not in ALGORITHMS:
@@ -156,8 +158,8 @@ def build(config: ml_collections.ConfigDict, *, pretrained: bool = True):
   run's own checkpoint supersedes the weights it started from).
   """
   splits = _load_splits(config)
-  algorithm = _build_algorithm(config,
-                               _build_backbone(config, pretrained=pretrained))
+  algorithm = build_algorithm(config,
+                               build_backbone(config, pretrained=pretrained))
   optimizer_options = dict(config.optimizer)
   check_options(make_optimizer, optimizer_options, 'the optimizer')
   optimizer = make_optimizer(num_steps=config.train.num_steps,
@@ -365,27 +367,25 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str | None,
                        "named source such as 'imagenet').")
     splits = _load_splits(config)
     spec = _eval_spec(config, splits)
-    backbone = _build_backbone(config, pretrained=True)
-    algorithm = _build_algorithm(config, backbone)
+    backbone = build_backbone(config, pretrained=True)
+    algorithm = build_algorithm(config, backbone)
     params, model_state = algorithm.init(
         jax.random.key(config.seed), jnp.asarray(splits[split].images[:2]))
     step = 0
   else:
     algorithm, params, model_state, splits, spec, step = restore_workdir(
         config, workdir)
-    backbone = _build_backbone(config, pretrained=False)
+    backbone = build_backbone(config, pretrained=False)
   start = time.time()
   data = data_lib.to_device(splits[split])
   extract_seconds = None
   if precomputed:
-    data = features_lib.precompute(
-        backbone, params['backbone'], model_state, data,
+    algorithm, params, model_state, data = features_lib.on_features(
+        functools.partial(build_algorithm, config), backbone, params,
+        model_state, data,
         batch_size=config.eval.get('feature_batch_size', 256))
     jax.block_until_ready(data.images)
     extract_seconds = round(time.time() - start, 2)
-    algorithm = _build_algorithm(config, backbones.identity_backbone())
-    params = {**params, 'backbone': {}}
-    model_state = {}
   evaluate = jax.jit(episode_accuracies(
       algorithm, spec, config.eval.num_episodes,
       images_per_chunk=config.eval.images_per_chunk))
