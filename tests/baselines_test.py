@@ -211,7 +211,8 @@ def test_freeze_backbone_stops_meta_gradients():
     assert float(jnp.abs(grads['log_scale'])) > 0.0
 
 
-def test_fine_tune_keeps_frozen_backbone_bit_identical():
+def _small_conv4_episode():
+  """A 3-way 2-shot episode of 16x16 images and a two-block Conv-4."""
   splits = synthetic_splits(num_classes=(4, 1, 1), images_per_class=4,
                             image_size=16)
   data = sampling.to_device(splits['train'])
@@ -219,6 +220,11 @@ def test_fine_tune_keeps_frozen_backbone_bit_identical():
                                     sampling.EpisodeSpec(3, 2, 1))
   backbone = backbones.create('conv4', filters=8, norm='batch_running',
                               num_blocks=2)
+  return episode, backbone
+
+
+def test_fine_tune_keeps_frozen_backbone_bit_identical():
+  episode, backbone = _small_conv4_episode()
   meta_params, state = backbone.init(jax.random.key(1), episode.support_images)
   meta_params = {'backbone': meta_params}
   algorithm = baselines.fine_tune(backbone, steps=3, l2sp=0.1, head_l2=0.01,
@@ -234,13 +240,7 @@ def test_fine_tune_keeps_frozen_backbone_bit_identical():
 
 
 def test_fine_tune_gradual_unfreezing_trains_the_head_first():
-  splits = synthetic_splits(num_classes=(4, 1, 1), images_per_class=4,
-                            image_size=16)
-  data = sampling.to_device(splits['train'])
-  episode = sampling.sample_episode(jax.random.key(0), data,
-                                    sampling.EpisodeSpec(3, 2, 1))
-  backbone = backbones.create('conv4', filters=8, norm='batch_running',
-                              num_blocks=2)
+  episode, backbone = _small_conv4_episode()
   params, state = backbone.init(jax.random.key(1), episode.support_images)
   meta_params = {'backbone': params}
   stages = [(0, ['head']), (2, ['head', 'backbone/conv1']), (3, ['.*'])]
