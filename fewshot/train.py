@@ -28,7 +28,9 @@ from fewshot._utils import check_options
 from fewshot.algorithms import ALGORITHMS
 from fewshot.algorithms.base import Algorithm
 from fewshot.checkpoint import Checkpointer
+from fewshot.data.augment import crop_and_flip
 from fewshot.data.sampling import DeviceDataset, EpisodeSpec
+from fewshot.episodes import Episode
 from fewshot.evaluate import episode_accuracies, summarize
 from fewshot.features import FEATURE_ALGORITHMS
 from fewshot.losses import meta_batch_loss
@@ -83,20 +85,48 @@ def make_optimizer(*, name: str = 'adam', learning_rate: float = 1e-3,
   return tx
 
 
+def augment_episodes(key: jax.Array, episodes: Episode,
+                     **options: Any) -> Episode:
+  """Applies `crop_and_flip(**options)` to every support and query image.
+
+  Each image draws its own crop offset and flip; shapes and labels are
+  unchanged, so `episodes` may be one episode or a meta-batch `[T, ...]`.
+  """
+  if not options:
+    return episodes
+  support_key, query_key = jax.random.split(key)
+
+  def augment(key, images):
+    flat = images.reshape((-1,) + images.shape[-3:])
+    return crop_and_flip(key, flat, **options).reshape(images.shape)
+
+  return episodes.replace(
+      support_images=augment(support_key, episodes.support_images),
+      query_images=augment(query_key, episodes.query_images))
+
+
 def make_train_step(algorithm: Algorithm, optimizer: optax.GradientTransformation,
                     spec: EpisodeSpec, meta_batch_size: int,
-                    task_sharding: NamedSharding | None = None):
+                    task_sharding: NamedSharding | None = None,
+                    augment: dict[str, Any] | None = None):
   """Builds `train_step(state, data) -> (state, metrics)`; jit it once.
 
   The step draws its meta-batch on the device from `fold_in(rng, step)`, so
   a resumed run sees exactly the episodes an uninterrupted run would.
+  `augment` (keyword arguments of `fewshot.data.augment.crop_and_flip`)
+  augments the drawn episodes' images, also from that key.
   """
+  augment = dict(augment or {})
+  check_options(crop_and_flip, augment, 'train.augment')
 
   def train_step(state: TrainState, data: DeviceDataset):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     sample_key, algorithm_key = jax.random.split(key)
     episodes = data_lib.sample_meta_batch(sample_key, data, spec,
                                           meta_batch_size)
+    if augment:
+      episodes = augment_episodes(jax.random.fold_in(sample_key, 1), episodes,
+                                  **augment)
     if task_sharding is not None:
       episodes = jax.lax.with_sharding_constraint(episodes, task_sharding)
     loss_fn = functools.partial(meta_batch_loss, algorithm, train=True)
@@ -249,7 +279,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   train_data, val_data = jax.device_put((train_data, val_data), replicated)
   train_step = jax.jit(
       make_train_step(algorithm, optimizer, train_spec, meta_batch_size,
-                      task_sharding),
+                      task_sharding, augment=config.train.get('augment')),
       donate_argnums=0)
   evaluate = jax.jit(episode_accuracies(algorithm, eval_spec,
                                         config.eval.val_episodes,

@@ -5,9 +5,9 @@ import sys
 
 from fewshot.ops.conv import conv2d
 from fewshot.ops.depthwise import depthwise_conv2d
-from fewshot.ops.pool import max_pool_2x2
+from fewshot.ops.pool import affine_relu_max_pool, max_pool_2x2
 
-__all__ = ['conv2d', 'depthwise_conv2d', 'max_pool_2x2', 'tune_malloc']
+__all__ = ['affine_relu_max_pool', 'conv2d', 'depthwise_conv2d', 'max_pool_2x2', 'tune_malloc']
 
 
 def tune_malloc() -> bool:
