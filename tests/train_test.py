@@ -109,6 +109,44 @@ def test_train_step_compiles_once():
   assert int(state.step) == 3 and np.isfinite(losses).all()
 
 
+def test_augmented_episodes_are_shifted_copies():
+  config = _tiny_config()
+  splits = train.build(config)[0]
+  data = sampling.to_device(splits['train'])
+  episodes = sampling.sample_meta_batch(
+      jax.random.key(0), data, sampling.EpisodeSpec(5, 2, 2), 2)
+  key = jax.random.key(1)
+  augmented = train.augment_episodes(key, episodes, crop_padding=2,
+                                     pad_mode='edge')
+  np.testing.assert_array_equal(augmented.support_labels,
+                                episodes.support_labels)
+  again = train.augment_episodes(key, episodes, crop_padding=2,
+                                 pad_mode='edge')
+  np.testing.assert_array_equal(again.query_images, augmented.query_images)
+  shifted = 0
+  for before, after in [(episodes.support_images, augmented.support_images),
+                        (episodes.query_images, augmented.query_images)]:
+    before = np.asarray(before).reshape((-1,) + before.shape[-3:])
+    after = np.asarray(after).reshape(before.shape)
+    height, width = before.shape[1:3]
+    for original, image in zip(before, after):
+      padded = np.pad(original, ((2, 2), (2, 2), (0, 0)), mode='edge')
+      offsets = [(dy, dx) for dy in range(5) for dx in range(5)
+                 if np.array_equal(padded[dy:dy + height, dx:dx + width],
+                                   image)]
+      assert offsets, 'an augmented image is not a shifted copy'
+      shifted += (2, 2) not in offsets
+  assert shifted > 0  # not the identity
+
+
+def test_train_step_rejects_unknown_augmentation():
+  config = _tiny_config()
+  splits, algorithm, optimizer, spec, _ = train.build(config)
+  with pytest.raises(ValueError, match="Unknown option.*'rotate'"):
+    train.make_train_step(algorithm, optimizer, spec, 2,
+                          augment=dict(rotate=10))
+
+
 def test_checkpoint_of_another_architecture_is_a_clear_error(tmp_path):
   config = _tiny_config(steps=2)
   train.train_and_evaluate(config, str(tmp_path))
