@@ -60,13 +60,18 @@ def _xla_conv(x: jax.Array, w: jax.Array, pads: _Pads) -> jax.Array:
 
 
 def _xla_wgrad(x: jax.Array, g: jax.Array, pads: _Pads) -> jax.Array:
-  """Weight gradient as XLA would do it, `[B,H,W,I], [B,Ho,Wo,O] -> [kh,kw,I,O]`.
+  """Weight gradient as a conv, `[B,H,W,I], [B,Ho,Wo,O] -> [kh,kw,I,O]`.
 
-  The batch is the contraction ("feature") dimension and the channels of `x`
-  are the "batch" dimension of a convolution with the whole `g` as kernel.
+  The channels of `x` are the batch of a convolution whose kernel is the
+  whole `g`, contracting over the images. The transposes are explicit so the
+  conv is in the canonical NHWC/HWIO layout: left to XLA's layout passes, a
+  weight-gradient conv inside a loop body (MAML's inner loop) stayed in its
+  raw layout and ran on XLA:CPU's naive emitter at ~1 GFLOP/s.
   """
-  return lax.conv_general_dilated(
-      x, g, (1, 1), pads, dimension_numbers=('CHWN', 'IHWO', 'HWNC'))
+  y = lax.conv_general_dilated(
+      x.transpose(3, 1, 2, 0), g.transpose(1, 2, 0, 3), (1, 1), pads,
+      dimension_numbers=_DIMS)                  # [I, kh, kw, O]
+  return y.transpose(1, 2, 0, 3)
 
 
 def _flip_kernel(w: jax.Array) -> jax.Array:
