@@ -8,9 +8,12 @@ gradients are written out here:
 
 * input gradient: a forward conv of the output gradient with the spatially
   flipped, in/out-transposed kernel (what XLA does too);
-* weight gradient (`_wgrad`): XLA's weight-gradient conv summed over chunks
-  of a few images (~75 GFLOP/s at any batch), or, for few input channels
-  (the first layer), im2col + one matmul (2-3x faster than XLA there).
+* weight gradient (`_wgrad`): XLA's weight-gradient conv, written in the
+  canonical layout and summed over chunks of a few images (~75 GFLOP/s at
+  any batch), or, for few input channels (the first layer), im2col + one
+  matmul (2-3x faster than XLA there);
+* forward with at most 3 input channels (the first layer): a sum of shifted
+  broadcasts in one elementwise loop (`_shifted_conv`).
 
 Both are `custom_vjp` functions whose own gradients are again written with
 `_conv` and `_wgrad`, so the set is closed under differentiation: second
