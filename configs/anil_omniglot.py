@@ -8,7 +8,8 @@
 Takes the same config argument as configs/maml_omniglot.py. Because only the
 head adapts, the inner loop runs on features computed once per episode;
 ANIL's inner steps are nearly free, so it evaluates with 10 of them.
-Measured results are in WORKSPACE.md.
+Measured (WORKSPACE.md): 5-way 1-shot, 1,000 meta-batches (12.6 minutes),
+94.38 +- 0.38 over 1,000 test episodes.
 """
 
 import importlib.util

@@ -18,7 +18,9 @@ The config argument is a comma-separated list of `key=value` overrides:
   inner_steps, eval_inner_steps, inner_lr   override the paper's values;
   norm             'batch' (transductive, default) or 'batch_running';
   remat            rematerialise inner steps (bounded memory, more compute).
-Measured results and wall times are in WORKSPACE.md.
+Measured (WORKSPACE.md has the wall times), 5-way 1-shot over 1,000 test
+episodes: MAML after 1,231 meta-batches 93.85 +- 0.39; FOMAML after 1,500
+81.52 +- 0.62 (the paper trains 60,000; 98.0% is not reached on this CPU).
 """
 
 import os

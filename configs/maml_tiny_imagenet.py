@@ -11,7 +11,9 @@ BatchNorm. First order with `algorithm=fomaml`.
       --workdir runs/maml_tiny_imagenet_1shot
 
 Config argument: ways, shots, algorithm, steps, image_size, filters, remat.
-Measured results are in WORKSPACE.md.
+Measured (WORKSPACE.md): a short first run, 312 meta-batches (20 minutes on
+a 2-core CPU beside other jobs), 5-way 1-shot 37.39 +- 0.76 over 600 test
+episodes; far from converged.
 """
 
 import os
