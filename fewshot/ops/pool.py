@@ -6,8 +6,8 @@ a scatter; on XLA:CPU that costs more than the convolutions of a Conv-4 step.
 Here the four window elements are strided slices, the maximum and the index
 of the first maximum of each window (row-major, the element
 `select_and_scatter` picks) are elementwise ops that XLA computes in one
-loop, and the gradient is routed by that index. The backward is plain JAX (linear in the cotangent), so higher-order
-gradients work.
+loop, and the gradient is routed by that index. The backward is plain JAX
+(linear in the cotangent), so higher-order gradients work.
 """
 
 from __future__ import annotations
@@ -47,8 +47,7 @@ def _max_and_winner(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _max_pool(x: jax.Array, spatial: tuple[int, int]) -> jax.Array:
   del spatial  # (H, W) of `x`, static, for the backward pass
-  e00, e01, e10, e11 = _window_elements(x)
-  return jnp.maximum(jnp.maximum(e00, e01), jnp.maximum(e10, e11))
+  return _max_and_winner(x)[0]  # XLA drops the unused winner
 
 
 def _max_pool_fwd(x, spatial):
