@@ -9,7 +9,8 @@ from fewshot.backbones import Backbone
 from fewshot.data import (ClassDataset, EpisodeSpec, sample_episode,
                           sample_meta_batch, to_device)
 from fewshot.episodes import Episode
-from fewshot.losses import episode_loss, mean_confidence_interval, meta_batch_loss
+from fewshot.losses import (episode_loss, mean_confidence_interval,
+                             meta_batch_loss, meta_batch_value_and_grad)
 
 __version__ = '0.1.0'
 
@@ -24,6 +25,6 @@ def __getattr__(name: str):
 __all__ = [
     'ALGORITHMS', 'Algorithm', 'Backbone', 'ClassDataset', 'Episode',
     'EpisodeSpec', 'episode_loss', 'mean_confidence_interval',
-    'meta_batch_loss', 'protonet', 'sample_episode', 'sample_meta_batch',
+    'meta_batch_loss', 'meta_batch_value_and_grad', 'protonet', 'sample_episode', 'sample_meta_batch',
     'to_device', 'train_and_evaluate',
 ]

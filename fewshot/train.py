@@ -33,7 +33,7 @@ from fewshot.data.sampling import DeviceDataset, EpisodeSpec
 from fewshot.episodes import Episode
 from fewshot.evaluate import episode_accuracies, summarize
 from fewshot.features import FEATURE_ALGORITHMS
-from fewshot.losses import meta_batch_loss
+from fewshot.losses import meta_batch_value_and_grad
 
 
 @flax.struct.dataclass
@@ -129,10 +129,8 @@ def make_train_step(algorithm: Algorithm, optimizer: optax.GradientTransformatio
                                   **augment)
     if task_sharding is not None:
       episodes = jax.lax.with_sharding_constraint(episodes, task_sharding)
-    loss_fn = functools.partial(meta_batch_loss, algorithm, train=True)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (_, (metrics, model_state)), grads = grad_fn(
-        state.params, state.model_state, episodes, algorithm_key)
+    (_, (metrics, model_state)), grads = meta_batch_value_and_grad(
+        algorithm, state.params, state.model_state, episodes, algorithm_key)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics['grad_norm'] = optax.tree.norm(grads)
