@@ -51,8 +51,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       name=args.algorithm,
       inner_steps=inner_steps,
       inner_learning_rate=inner_lr,
-      # The paper evaluates with more steps than it trains with.
-      eval_inner_steps=args.eval_inner_steps or max(3, inner_steps),
+      # The paper trains with 1 (5-way) or 5 (20-way) inner steps and tests
+      # with 10 (`test_num_updates = 10` in Finn et al.'s code for Omniglot).
+      eval_inner_steps=args.eval_inner_steps or 10,
       remat=args.remat,
   )
   if args.algorithm != 'proto_maml':
