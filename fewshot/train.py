@@ -9,6 +9,8 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -236,9 +238,60 @@ def task_mesh() -> Mesh:
   return Mesh(np.asarray(jax.devices()), ('data',))
 
 
+class StopSignals:
+  """Defers SIGTERM and SIGINT while training, so the loop can checkpoint.
+
+  Inside the `with` block a first signal is only recorded (`received`); the
+  training loop checks it after every step, saves a checkpoint and leaves
+  the block, whose exit restores the previous handlers and raises the
+  signal again (SIGTERM then ends the process as usual, SIGINT raises
+  KeyboardInterrupt). A second signal while the checkpoint is being written
+  is handled at once by the previous handler. Outside the main thread,
+  where Python cannot install handlers, it does nothing.
+  """
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.received: int | None = None
+    self._previous: dict[int, Any] = {}
+
+  def __enter__(self) -> 'StopSignals':
+    if threading.current_thread() is threading.main_thread():
+      for signum in self.SIGNALS:
+        previous = signal.signal(signum, self._record)
+        self._previous[signum] = (signal.SIG_DFL if previous is None
+                                  else previous)
+    return self
+
+  def _record(self, signum, frame) -> None:
+    del frame
+    if self.received is not None:
+      self._restore()
+      signal.raise_signal(signum)
+      return
+    self.received = signum
+    logging.warning('Received %s: stopping after this step with a checkpoint '
+                    '(send it again to stop at once).',
+                    signal.Signals(signum).name)
+
+  def _restore(self) -> None:
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+    self._previous = {}
+
+  def __exit__(self, *exc_info) -> None:
+    self._restore()
+    if self.received is not None and exc_info[0] is None:
+      signal.raise_signal(self.received)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> dict[str, Any]:
   """Meta-trains as configured, resuming from `workdir` if it has checkpoints.
+
+  SIGTERM or SIGINT (Ctrl-C) during training saves a checkpoint of the
+  last completed step before the process stops (see `StopSignals`);
+  running the same command again resumes from it.
 
   Returns:
     The final validation (and, if `config.eval.test_at_end`, test) metrics.
@@ -298,30 +351,43 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   num_steps = config.train.num_steps
   last_save_time = time.time()
   interval_start, interval_steps, metrics_sum = time.time(), 0, None
-  while step < num_steps:
-    state, metrics = train_step(state, train_data)
-    step += 1
-    interval_steps += 1
-    metrics_sum = metrics if metrics_sum is None else jax.tree.map(
-        jnp.add, metrics_sum, metrics)
-    if step % config.train.log_every == 0 or step == num_steps:
-      means = {k: float(v) / interval_steps
-               for k, v in jax.device_get(metrics_sum).items()}
-      elapsed = time.time() - interval_start
-      episodes_per_s = interval_steps * meta_batch_size / elapsed
-      logging.info('step %d: loss %.4f, accuracy %.3f, %.1f episodes/s',
-                   step, means['loss'], means['accuracy'], episodes_per_s)
-      log.write(step, episodes_per_second=episodes_per_s,
-                **{f'train_{k}': v for k, v in means.items()})
-      interval_start, interval_steps, metrics_sum = time.time(), 0, None
-    if step % config.train.eval_every == 0 and step < num_steps:
-      validate(step)
-      interval_start = time.time()  # validation time is not training time
-    due = (step % config.train.checkpoint_every_steps == 0 or
-           time.time() - last_save_time > config.train.checkpoint_every_secs)
-    if due or step == num_steps:
-      checkpointer.save(step, state, config_dict)
-      last_save_time = time.time()
+  with StopSignals() as stop:
+    while step < num_steps:
+      state, metrics = train_step(state, train_data)
+      step += 1
+      interval_steps += 1
+      metrics_sum = metrics if metrics_sum is None else jax.tree.map(
+          jnp.add, metrics_sum, metrics)
+      if step % config.train.log_every == 0 or step == num_steps:
+        means = {k: float(v) / interval_steps
+                 for k, v in jax.device_get(metrics_sum).items()}
+        elapsed = time.time() - interval_start
+        episodes_per_s = interval_steps * meta_batch_size / elapsed
+        logging.info('step %d: loss %.4f, accuracy %.3f, %.1f episodes/s',
+                     step, means['loss'], means['accuracy'], episodes_per_s)
+        log.write(step, episodes_per_second=episodes_per_s,
+                  **{f'train_{k}': v for k, v in means.items()})
+        interval_start, interval_steps, metrics_sum = time.time(), 0, None
+      if step % config.train.eval_every == 0 and step < num_steps:
+        validate(step)
+        interval_start = time.time()  # validation time is not training time
+      due = (step % config.train.checkpoint_every_steps == 0 or
+             time.time() - last_save_time > config.train.checkpoint_every_secs)
+      saved = due or step == num_steps
+      if saved:
+        checkpointer.save(step, state, config_dict)
+        last_save_time = time.time()
+      if stop.received is not None:
+        if not saved:
+          checkpointer.save(step, state, config_dict)
+        checkpointer.wait()
+        checkpointer.close()
+        logging.warning('Stopped at step %d with a checkpoint; run the same '
+                        'command again to resume.', step)
+        break
+
+  if stop.received is not None:  # a previous handler that did not stop us
+    return {'step': step, 'stopped_by': signal.Signals(stop.received).name}
 
   results = {'step': step, 'val': validate(step)}
   if config.eval.test_at_end:

@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 
@@ -93,6 +94,46 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path,
                            np.zeros((2, 28, 28, 1), np.uint8), config.seed)
   assert not np.array_equal(fresh.params['backbone']['conv0']['kernel'],
                             straight[0]['backbone']['conv0']['kernel'])
+
+
+class _Terminated(Exception):
+  pass
+
+
+def test_sigterm_checkpoints_the_current_step_and_resumes(tmp_path,
+                                                          monkeypatch):
+  # SIGTERM between checkpoints (every 2 steps) arrives after step 3: the
+  # trainer must save step 3, then stop by the previous handler.
+  config = _tiny_config(steps=4)
+  config.train.log_every = 1
+  train.train_and_evaluate(config, str(tmp_path / 'straight'))
+
+  original_write = train.MetricsLog.write
+
+  def write_then_signal(self, step, **values):
+    original_write(self, step, **values)
+    if step == 3 and 'train_loss' in values:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  def raise_terminated(signum, frame):
+    raise _Terminated(signum)
+
+  monkeypatch.setattr(train.MetricsLog, 'write', write_then_signal)
+  previous = signal.signal(signal.SIGTERM, raise_terminated)
+  try:
+    with pytest.raises(_Terminated):
+      train.train_and_evaluate(config, str(tmp_path / 'stopped'))
+    # The trainer put the test's handler back.
+    assert signal.getsignal(signal.SIGTERM) is raise_terminated
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  monkeypatch.setattr(train.MetricsLog, 'write', original_write)
+  assert Checkpointer(tmp_path / 'stopped' / 'checkpoints').latest_step() == 3
+  results = train.train_and_evaluate(config, str(tmp_path / 'stopped'))
+  assert results['step'] == 4
+  straight = _final_params(config, str(tmp_path / 'straight'))
+  resumed = _final_params(config, str(tmp_path / 'stopped'))
+  jax.tree.map(np.testing.assert_array_equal, straight, resumed)
 
 
 def test_train_step_compiles_once():
