@@ -51,14 +51,19 @@ class TrainState:
 def make_optimizer(*, name: str = 'adam', learning_rate: float = 1e-3,
                    schedule: str = 'constant', decay_every: int = 2000,
                    decay_factor: float = 0.5, warmup_steps: int = 0,
-                   num_steps: int = 1, weight_decay: float = 0.0,
+                   num_steps: int = 1, decay_start: int = 0,
+                   weight_decay: float = 0.0,
                    clip_norm: float | None = None
                    ) -> optax.GradientTransformation:
   """Outer-loop optimizer: 'adam', 'adamw' or 'sgd' (momentum 0.9).
 
   Schedules: 'constant', 'step' (multiply by `decay_factor` every
-  `decay_every` steps, as in the ProtoNet paper), 'cosine' (to zero at
-  `num_steps`); each after `warmup_steps` of linear warm-up.
+  `decay_every` steps, as in the ProtoNet paper), 'cosine' (constant until
+  `decay_start`, then a cosine to zero at `num_steps`); each after
+  `warmup_steps` of linear warm-up. Every schedule keeps the same optimizer
+  state (a step count), so a run can be resumed under another schedule:
+  a constant-rate run continued with `schedule='cosine'` and `decay_start`
+  at or after its current step is the run that config gives from scratch.
   """
   if schedule == 'constant':
     lr = optax.constant_schedule(learning_rate)
@@ -66,8 +71,14 @@ def make_optimizer(*, name: str = 'adam', learning_rate: float = 1e-3,
     lr = optax.exponential_decay(learning_rate, decay_every, decay_factor,
                                  staircase=True)
   elif schedule == 'cosine':
-    lr = optax.cosine_decay_schedule(learning_rate,
-                                     max(num_steps - warmup_steps, 1))
+    if decay_start and decay_start >= num_steps:
+      raise ValueError(f'decay_start {decay_start} must come before num_steps '
+                       f'{num_steps}.')
+    start = max(decay_start, warmup_steps)
+    lr = optax.cosine_decay_schedule(learning_rate, max(num_steps - start, 1))
+    if start > warmup_steps:
+      lr = optax.join_schedules(
+          [optax.constant_schedule(learning_rate), lr], [start - warmup_steps])
   else:
     raise ValueError(f'Unknown schedule {schedule!r}: constant, step, cosine.')
   if warmup_steps:

@@ -249,3 +249,28 @@ def test_experiment_scripts_end_to_end(tmp_path):
       [sys.executable, str(REPO / 'experiments' / 'evaluate.py'), *common,
        '--config.train.no_such_key=1'], env=env, capture_output=True, text=True)
   assert bad.returncode != 0 and 'no_such_key' in bad.stderr
+
+
+def test_cosine_after_decay_start_continues_a_constant_run():
+  """The schedules share one optimizer state, and `decay_start` holds the
+  rate until then: a constant-rate state continues under the cosine."""
+  params = {'w': np.ones(3, np.float32)}
+  constant = train.make_optimizer(learning_rate=0.1, num_steps=10)
+  cosine = train.make_optimizer(learning_rate=0.1, schedule='cosine',
+                                num_steps=10, decay_start=6)
+  grads = {'w': np.array([1.0, -2.0, 0.5], np.float32)}
+  state_c, state_d = constant.init(params), cosine.init(params)
+  chex.assert_trees_all_equal_structs(state_c, state_d)
+  updates = []
+  for step in range(10):
+    update_c, state_c = constant.update(grads, state_c, params)
+    update_d, state_d = cosine.update(grads, state_d, params)
+    updates.append((update_c['w'], update_d['w']))
+  for step, (update_c, update_d) in enumerate(updates):
+    # Constant to step 6, then 0.1 * (1 + cos(pi * (step - 6) / 4)) / 2,
+    # i.e. the constant run's Adam update scaled by the cosine factor.
+    factor = 1.0 if step <= 6 else 0.5 * (1 + np.cos(np.pi * (step - 6) / 4))
+    np.testing.assert_allclose(update_d, factor * update_c, rtol=1e-6)
+  assert float(np.abs(updates[9][1]).max()) < 0.2 * 0.1
+  with pytest.raises(ValueError, match='decay_start'):
+    train.make_optimizer(schedule='cosine', num_steps=10, decay_start=10)
