@@ -4,6 +4,8 @@
 """
 
 import json
+import signal
+import sys
 from typing import Sequence
 
 from absl import app
@@ -33,6 +35,8 @@ def main(argv: Sequence[str]) -> None:
     jax.distributed.initialize()
   results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   print(json.dumps(results))
+  if 'stopped_by' in results:  # stopped by a signal, checkpoint saved
+    sys.exit(128 + signal.Signals[results['stopped_by']].value)
 
 
 if __name__ == '__main__':

@@ -25,6 +25,7 @@ def __getattr__(name: str):
 __all__ = [
     'ALGORITHMS', 'Algorithm', 'Backbone', 'ClassDataset', 'Episode',
     'EpisodeSpec', 'episode_loss', 'mean_confidence_interval',
-    'meta_batch_loss', 'meta_batch_value_and_grad', 'protonet', 'sample_episode', 'sample_meta_batch',
+    'meta_batch_loss', 'meta_batch_value_and_grad', 'protonet',
+    'sample_episode', 'sample_meta_batch',
     'to_device', 'train_and_evaluate',
 ]

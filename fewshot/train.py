@@ -58,13 +58,18 @@ def make_optimizer(*, name: str = 'adam', learning_rate: float = 1e-3,
   """Outer-loop optimizer: 'adam', 'adamw' or 'sgd' (momentum 0.9).
 
   Schedules: 'constant', 'step' (multiply by `decay_factor` every
-  `decay_every` steps, as in the ProtoNet paper), 'cosine' (constant until
-  `decay_start`, then a cosine to zero at `num_steps`); each after
-  `warmup_steps` of linear warm-up. Every schedule keeps the same optimizer
-  state (a step count), so a run can be resumed under another schedule:
-  a constant-rate run continued with `schedule='cosine'` and `decay_start`
-  at or after its current step is the run that config gives from scratch.
+  `decay_every` steps, as in the ProtoNet paper), 'cosine' (a cosine to
+  zero at `num_steps`, held at `learning_rate` until `decay_start` if that
+  is later than the warm-up); each after `warmup_steps` of linear warm-up.
+  Every schedule keeps the same optimizer state (a step count), so a run
+  can be resumed under another schedule: a constant-rate run continued
+  with `schedule='cosine'` and `decay_start` at or after its current step
+  (same optimizer, rate, warm-up and clipping) is the run that config
+  gives from scratch.
   """
+  if decay_start < 0 or (decay_start and schedule != 'cosine'):
+    raise ValueError(f'decay_start ({decay_start}) applies to the cosine '
+                     f'schedule only and must be >= 0; schedule is {schedule!r}.')
   if schedule == 'constant':
     lr = optax.constant_schedule(learning_rate)
   elif schedule == 'step':
@@ -253,31 +258,40 @@ class StopSignals:
   """Defers SIGTERM and SIGINT while training, so the loop can checkpoint.
 
   Inside the `with` block a first signal is only recorded (`received`); the
-  training loop checks it after every step, saves a checkpoint and leaves
-  the block, whose exit restores the previous handlers and raises the
-  signal again (SIGTERM then ends the process as usual, SIGINT raises
-  KeyboardInterrupt). A second signal while the checkpoint is being written
-  is handled at once by the previous handler. Outside the main thread,
-  where Python cannot install handlers, it does nothing.
+  training loop checks it after every step (validation is then skipped),
+  saves a checkpoint and leaves the block, whose exit restores the previous
+  handlers and raises the signal again (SIGTERM then ends the process as
+  usual, SIGINT raises KeyboardInterrupt). A second signal before that is
+  passed to the previous handler at once. A signal whose handler is
+  `SIG_IGN` or not a Python one stays as it was. Nothing is installed
+  outside the main thread (Python cannot) or when `enabled` is False
+  (multi-process runs: the processes would stop at different steps).
+  A signal is seen between steps, not inside a compiled step or the first
+  step's compilation.
   """
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-  def __init__(self):
+  def __init__(self, enabled: bool = True):
+    self.enabled = enabled
     self.received: int | None = None
     self._previous: dict[int, Any] = {}
+    self._passed_on = False
 
   def __enter__(self) -> 'StopSignals':
-    if threading.current_thread() is threading.main_thread():
+    if self.enabled and threading.current_thread() is threading.main_thread():
       for signum in self.SIGNALS:
-        previous = signal.signal(signum, self._record)
-        self._previous[signum] = (signal.SIG_DFL if previous is None
-                                  else previous)
+        previous = signal.getsignal(signum)
+        if previous is None or previous is signal.SIG_IGN:
+          continue
+        signal.signal(signum, self._record)
+        self._previous[signum] = previous
     return self
 
   def _record(self, signum, frame) -> None:
     del frame
     if self.received is not None:
       self._restore()
+      self._passed_on = True
       signal.raise_signal(signum)
       return
     self.received = signum
@@ -292,7 +306,8 @@ class StopSignals:
 
   def __exit__(self, *exc_info) -> None:
     self._restore()
-    if self.received is not None and exc_info[0] is None:
+    if (self.received is not None and exc_info[0] is None
+        and not self._passed_on):
       signal.raise_signal(self.received)
 
 
@@ -301,11 +316,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   """Meta-trains as configured, resuming from `workdir` if it has checkpoints.
 
   SIGTERM or SIGINT (Ctrl-C) during training saves a checkpoint of the
-  last completed step before the process stops (see `StopSignals`);
-  running the same command again resumes from it.
+  last completed step before the process stops (see `StopSignals`; single
+  process runs only); running the same command again resumes from it.
 
   Returns:
-    The final validation (and, if `config.eval.test_at_end`, test) metrics.
+    The final validation (and, if `config.eval.test_at_end`, test) metrics;
+    or `{'step', 'stopped_by'}` (the signal's name) if a signal stopped
+    training and its previous handler did not end the process.
   """
   os.makedirs(workdir, exist_ok=True)
   checkpoint_dir = os.path.join(workdir, 'checkpoints')
@@ -362,7 +379,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   num_steps = config.train.num_steps
   last_save_time = time.time()
   interval_start, interval_steps, metrics_sum = time.time(), 0, None
-  with StopSignals() as stop:
+  with StopSignals(enabled=jax.process_count() == 1) as stop:
     while step < num_steps:
       state, metrics = train_step(state, train_data)
       step += 1
@@ -379,7 +396,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         log.write(step, episodes_per_second=episodes_per_s,
                   **{f'train_{k}': v for k, v in means.items()})
         interval_start, interval_steps, metrics_sum = time.time(), 0, None
-      if step % config.train.eval_every == 0 and step < num_steps:
+      if (step % config.train.eval_every == 0 and step < num_steps
+          and stop.received is None):
         validate(step)
         interval_start = time.time()  # validation time is not training time
       due = (step % config.train.checkpoint_every_steps == 0 or

@@ -49,24 +49,30 @@ def test_meta_batch_loss_is_the_mean_of_episode_losses():
 
 
 def test_meta_batch_value_and_grad_equals_grad_of_meta_batch_loss():
-  # MAML (second order, batch statistics): the per-task meta-gradients
-  # averaged by a dot must equal jax.grad of the averaged loss.
+  # MAML (second order) with running BatchNorm statistics, an odd number of
+  # tasks: the per-task meta-gradients averaged by a dot must equal
+  # jax.grad of the averaged loss, and the new states must agree.
   splits = synthetic_splits(num_classes=(10, 2, 2), images_per_class=5)
   data = sampling.to_device(splits['train'])
   spec = sampling.EpisodeSpec(3, 1, 2)
-  episodes = sampling.sample_meta_batch(jax.random.key(0), data, spec, 4)
-  algorithm = maml(backbones.create('conv4', filters=8, norm='batch'),
+  episodes = sampling.sample_meta_batch(jax.random.key(0), data, spec, 3)
+  algorithm = maml(backbones.create('conv4', filters=8, norm='batch_running'),
                    num_ways=3, inner_steps=2, inner_learning_rate=0.3)
   params, state = algorithm.init(jax.random.key(1), episodes.support_images[0])
   key = jax.random.key(5)
-  (loss, (metrics, _)), grads = jax.jit(
+  (loss, (metrics, new_state)), grads = jax.jit(
       losses.meta_batch_value_and_grad, static_argnums=0)(
           algorithm, params, state, episodes, key)
-  (ref_loss, (ref_metrics, _)), ref_grads = jax.jit(jax.value_and_grad(
-      lambda p: losses.meta_batch_loss(algorithm, p, state, episodes, key),
-      has_aux=True))(params)
+  (ref_loss, (ref_metrics, ref_state)), ref_grads = jax.jit(
+      jax.value_and_grad(
+          lambda p: losses.meta_batch_loss(algorithm, p, state, episodes, key),
+          has_aux=True))(params)
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
   np.testing.assert_allclose(metrics['accuracy'], ref_metrics['accuracy'])
+  assert jax.tree.leaves(new_state)  # running statistics exist and moved
+  chex.assert_trees_all_close(new_state, ref_state, rtol=1e-6)
+  assert not np.allclose(jax.tree.leaves(new_state)[0],
+                         jax.tree.leaves(state)[0])
   # Second order through batch statistics: rounding differs by ~5e-7 on
   # gradients of ~0.3 (summation order).
   chex.assert_trees_all_close(grads, ref_grads, rtol=1e-4, atol=2e-6)

@@ -136,6 +136,30 @@ def test_sigterm_checkpoints_the_current_step_and_resumes(tmp_path,
   jax.tree.map(np.testing.assert_array_equal, straight, resumed)
 
 
+def test_stop_signals_leave_ignored_signals_and_other_threads_alone():
+  import threading  # pylint: disable=g-import-not-at-top
+  previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+  try:
+    with train.StopSignals() as stop:
+      assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+      assert signal.getsignal(signal.SIGTERM) == stop._record  # pylint: disable=protected-access
+    assert stop.received is None
+    seen = {}
+
+    def in_thread():
+      with train.StopSignals():
+        seen['handler'] = signal.getsignal(signal.SIGTERM)
+
+    thread = threading.Thread(target=in_thread)
+    thread.start()
+    thread.join()
+    assert seen['handler'] is signal.getsignal(signal.SIGTERM)
+    with train.StopSignals(enabled=False):
+      assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+  finally:
+    signal.signal(signal.SIGINT, previous)
+
+
 def test_train_step_compiles_once():
   config = _tiny_config()
   splits, algorithm, optimizer, spec, _ = train.build(config)
@@ -274,3 +298,5 @@ def test_cosine_after_decay_start_continues_a_constant_run():
   assert float(np.abs(updates[9][1]).max()) < 0.2 * 0.1
   with pytest.raises(ValueError, match='decay_start'):
     train.make_optimizer(schedule='cosine', num_steps=10, decay_start=10)
+  with pytest.raises(ValueError, match='cosine schedule only'):
+    train.make_optimizer(schedule='constant', num_steps=10, decay_start=5)
