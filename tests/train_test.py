@@ -8,6 +8,7 @@ import pathlib
 import signal
 import subprocess
 import sys
+import threading
 
 import chex
 import jax
@@ -64,6 +65,19 @@ def test_two_steps_end_to_end(tmp_path):
   assert json.load(open(tmp_path / 'config.json'))['train']['num_steps'] == 2
 
 
+def _resume_and_compare(config, tmp_path, name, stopped_at):
+  """Checks the stopped run kept `stopped_at`, resumes it to the end and
+  compares it with the uninterrupted run in `tmp_path / 'straight'`."""
+  workdir = tmp_path / name
+  assert Checkpointer(workdir / 'checkpoints').latest_step() == stopped_at
+  results = train.train_and_evaluate(config, str(workdir))
+  assert results['step'] == config.train.num_steps
+  straight = _final_params(config, str(tmp_path / 'straight'))
+  resumed = _final_params(config, str(workdir))
+  jax.tree.map(np.testing.assert_array_equal, straight, resumed)
+  return straight
+
+
 def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path,
                                                          monkeypatch):
   config = _tiny_config(steps=4)
@@ -82,13 +96,7 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path,
     train.train_and_evaluate(config, str(tmp_path / 'killed'))
   monkeypatch.setattr(Checkpointer, 'save', original_save)
   # Nothing written before the kill is lost.
-  assert Checkpointer(tmp_path / 'killed' / 'checkpoints').latest_step() == 2
-  results = train.train_and_evaluate(config, str(tmp_path / 'killed'))
-  assert results['step'] == 4
-
-  straight = _final_params(config, str(tmp_path / 'straight'))
-  resumed = _final_params(config, str(tmp_path / 'killed'))
-  jax.tree.map(np.testing.assert_array_equal, straight, resumed)
+  straight = _resume_and_compare(config, tmp_path, 'killed', stopped_at=2)
   # And training did move the parameters.
   fresh = train.init_state(*train.build(config)[1:3],
                            np.zeros((2, 28, 28, 1), np.uint8), config.seed)
@@ -128,16 +136,10 @@ def test_sigterm_checkpoints_the_current_step_and_resumes(tmp_path,
   finally:
     signal.signal(signal.SIGTERM, previous)
   monkeypatch.setattr(train.MetricsLog, 'write', original_write)
-  assert Checkpointer(tmp_path / 'stopped' / 'checkpoints').latest_step() == 3
-  results = train.train_and_evaluate(config, str(tmp_path / 'stopped'))
-  assert results['step'] == 4
-  straight = _final_params(config, str(tmp_path / 'straight'))
-  resumed = _final_params(config, str(tmp_path / 'stopped'))
-  jax.tree.map(np.testing.assert_array_equal, straight, resumed)
+  _resume_and_compare(config, tmp_path, 'stopped', stopped_at=3)
 
 
 def test_stop_signals_leave_ignored_signals_and_other_threads_alone():
-  import threading  # pylint: disable=g-import-not-at-top
   previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
   try:
     with train.StopSignals() as stop:
