@@ -1,5 +1,7 @@
 """Pretrains a backbone with a classifier on all meta-training images; resumes.
 
+SIGTERM or Ctrl-C saves a checkpoint first; the same command resumes.
+
   python experiments/pretrain.py --config configs/pretrain_resnet12_tiny_imagenet.py \
       --workdir runs/pretrain_resnet12
 
@@ -9,6 +11,8 @@ makes a training config start from it.
 """
 
 import json
+import signal
+import sys
 from typing import Sequence
 
 from absl import app
@@ -31,6 +35,8 @@ def main(argv: Sequence[str]) -> None:
   tune_malloc()  # before any JAX work; see fewshot/ops/__init__.py
   results = pretrain.pretrain_and_evaluate(_CONFIG.value, _WORKDIR.value)
   print(json.dumps(results))
+  if 'stopped_by' in results:  # stopped by a signal, checkpoint saved
+    sys.exit(128 + signal.Signals[results['stopped_by']].value)
 
 
 if __name__ == '__main__':

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import os
-import time
 from typing import Any
 
 from absl import logging
@@ -42,7 +41,7 @@ from fewshot.data.dataset import ClassDataset
 from fewshot.data.sampling import EpisodeSpec
 from fewshot.evaluate import episode_accuracies, summarize
 from fewshot.train import (TrainState, MetricsLog, write_json_atomic,
-                           make_optimizer, task_mesh)
+                           make_optimizer, run_training_loop, task_mesh)
 
 HEADS = ('linear', 'cosine')
 
@@ -267,9 +266,14 @@ def pretrain_and_evaluate(config: ml_collections.ConfigDict,
                           workdir: str) -> dict[str, Any]:
   """Pretrains as configured, resuming from `workdir` if it has checkpoints.
 
+  SIGTERM or SIGINT (Ctrl-C) saves a checkpoint of the last completed step
+  before the process stops, as in `fewshot.train.train_and_evaluate`.
+
   Returns:
     `{'step', 'val'}` few-shot metrics of the final backbone (and `'test'`
-    if `config.eval.test_at_end`).
+    if `config.eval.test_at_end`); or `{'step', 'stopped_by'}` (the
+    signal's name) if a signal stopped training and its previous handler
+    did not end the process.
   """
   os.makedirs(workdir, exist_ok=True)
   splits, backbone, algorithm, optimizer, eval_spec = build(config)
@@ -316,7 +320,7 @@ def pretrain_and_evaluate(config: ml_collections.ConfigDict,
   val_key = jax.random.key(config.eval.seed + 1)
   log = MetricsLog(workdir)
 
-  def validate(step: int) -> dict[str, float]:
+  def validate(state: TrainState, step: int) -> dict[str, float]:
     accuracies = evaluate_val(state.params, state.model_state, val_data,
                               val_key)
     result = summarize(np.asarray(accuracies))
@@ -326,36 +330,15 @@ def pretrain_and_evaluate(config: ml_collections.ConfigDict,
     log.write(step, val_accuracy=result['accuracy'], val_ci95=result['ci95'])
     return result
 
+  state, stopped_by = run_training_loop(
+      train_step, state, train_data, settings=config.train,
+      checkpointer=checkpointer, config_dict=config_dict, log=log,
+      validate=validate, items_per_step=batch_size, items='images')
   step = int(state.step)
-  num_steps = config.train.num_steps
-  last_save_time = time.time()
-  interval_start, interval_steps, metrics_sum = time.time(), 0, None
-  while step < num_steps:
-    state, metrics = train_step(state, train_data)
-    step += 1
-    interval_steps += 1
-    metrics_sum = metrics if metrics_sum is None else jax.tree.map(
-        jnp.add, metrics_sum, metrics)
-    if step % config.train.log_every == 0 or step == num_steps:
-      means = {k: float(v) / interval_steps
-               for k, v in jax.device_get(metrics_sum).items()}
-      images_per_s = interval_steps * batch_size / (time.time() -
-                                                    interval_start)
-      logging.info('step %d: loss %.4f, accuracy %.3f, %.1f images/s', step,
-                   means['loss'], means['accuracy'], images_per_s)
-      log.write(step, images_per_second=images_per_s,
-                **{f'train_{k}': v for k, v in means.items()})
-      interval_start, interval_steps, metrics_sum = time.time(), 0, None
-    if step % config.train.eval_every == 0 and step < num_steps:
-      validate(step)
-      interval_start = time.time()  # validation time is not training time
-    due = (step % config.train.checkpoint_every_steps == 0 or
-           time.time() - last_save_time > config.train.checkpoint_every_secs)
-    if due or step == num_steps:
-      checkpointer.save(step, state, config_dict)
-      last_save_time = time.time()
+  if stopped_by is not None:  # a previous handler that did not stop us
+    return {'step': step, 'stopped_by': stopped_by}
 
-  results = {'step': step, 'val': validate(step)}
+  results = {'step': step, 'val': validate(state, step)}
   if config.eval.test_at_end:
     test_data = jax.device_put(data_lib.to_device(splits['test']), replicated)
     accuracies = evaluator(config.eval.num_episodes)(

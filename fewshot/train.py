@@ -12,7 +12,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from absl import logging
 import flax.struct
@@ -311,6 +311,73 @@ class StopSignals:
       signal.raise_signal(self.received)
 
 
+def run_training_loop(train_step, state: TrainState, train_data: Any, *,
+                      settings: ml_collections.ConfigDict,
+                      checkpointer: Checkpointer, config_dict: dict[str, Any],
+                      log: MetricsLog,
+                      validate: Callable[[TrainState, int], Any],
+                      items_per_step: int, items: str,
+                      ) -> tuple[TrainState, str | None]:
+  """Steps `state` to `settings.num_steps`, logging, validating and saving.
+
+  The loop shared by meta-training and pretraining. `train_step(state,
+  train_data) -> (state, metrics)` is compiled; `metrics` (scalars, with
+  'loss' and 'accuracy') are averaged over every `log_every` steps and
+  logged with the rate in `items`/s (`items_per_step` per step).
+  `validate(state, step)` runs every `eval_every` steps, except after the
+  last (the caller validates the final state). A checkpoint is written every
+  `checkpoint_every_steps` steps or `checkpoint_every_secs` seconds and at
+  the last step. SIGTERM or SIGINT stops the loop after the current step
+  with a checkpoint (see `StopSignals`; single-process runs only).
+
+  Returns:
+    `(state, stopped_by)`: the last state, and the name of the signal that
+    stopped the loop (its previous handler did not end the process), or
+    None if all steps ran. The checkpointer is closed after a signal.
+  """
+  step = int(state.step)
+  num_steps = settings.num_steps
+  last_save_time = time.time()
+  interval_start, interval_steps, metrics_sum = time.time(), 0, None
+  with StopSignals(enabled=jax.process_count() == 1) as stop:
+    while step < num_steps:
+      state, metrics = train_step(state, train_data)
+      step += 1
+      interval_steps += 1
+      metrics_sum = metrics if metrics_sum is None else jax.tree.map(
+          jnp.add, metrics_sum, metrics)
+      if step % settings.log_every == 0 or step == num_steps:
+        means = {k: float(v) / interval_steps
+                 for k, v in jax.device_get(metrics_sum).items()}
+        rate = interval_steps * items_per_step / (time.time() - interval_start)
+        logging.info('step %d: loss %.4f, accuracy %.3f, %.1f %s/s', step,
+                     means['loss'], means['accuracy'], rate, items)
+        log.write(step, **{f'{items}_per_second': rate},
+                  **{f'train_{k}': v for k, v in means.items()})
+        interval_start, interval_steps, metrics_sum = time.time(), 0, None
+      if (step % settings.eval_every == 0 and step < num_steps
+          and stop.received is None):
+        validate(state, step)
+        interval_start = time.time()  # validation time is not training time
+      due = (step % settings.checkpoint_every_steps == 0 or
+             time.time() - last_save_time > settings.checkpoint_every_secs)
+      saved = due or step == num_steps
+      if saved:
+        checkpointer.save(step, state, config_dict)
+        last_save_time = time.time()
+      if stop.received is not None:
+        if not saved:
+          checkpointer.save(step, state, config_dict)
+        checkpointer.wait()
+        checkpointer.close()
+        logging.warning('Stopped at step %d with a checkpoint; run the same '
+                        'command again to resume.', step)
+        break
+  if stop.received is not None:
+    return state, signal.Signals(stop.received).name
+  return state, None
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> dict[str, Any]:
   """Meta-trains as configured, resuming from `workdir` if it has checkpoints.
@@ -366,7 +433,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   val_key = jax.random.key(config.eval.seed + 1)
   log = MetricsLog(workdir)
 
-  def validate(step: int) -> dict[str, float]:
+  def validate(state: TrainState, step: int) -> dict[str, float]:
     accuracies = evaluate(state.params, state.model_state, val_data, val_key)
     result = summarize(np.asarray(accuracies))
     logging.info('step %d: val accuracy %.2f%% +- %.2f (%d-way %d-shot)',
@@ -375,50 +442,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     log.write(step, val_accuracy=result['accuracy'], val_ci95=result['ci95'])
     return result
 
+  state, stopped_by = run_training_loop(
+      train_step, state, train_data, settings=config.train,
+      checkpointer=checkpointer, config_dict=config_dict, log=log,
+      validate=validate, items_per_step=meta_batch_size, items='episodes')
   step = int(state.step)
-  num_steps = config.train.num_steps
-  last_save_time = time.time()
-  interval_start, interval_steps, metrics_sum = time.time(), 0, None
-  with StopSignals(enabled=jax.process_count() == 1) as stop:
-    while step < num_steps:
-      state, metrics = train_step(state, train_data)
-      step += 1
-      interval_steps += 1
-      metrics_sum = metrics if metrics_sum is None else jax.tree.map(
-          jnp.add, metrics_sum, metrics)
-      if step % config.train.log_every == 0 or step == num_steps:
-        means = {k: float(v) / interval_steps
-                 for k, v in jax.device_get(metrics_sum).items()}
-        elapsed = time.time() - interval_start
-        episodes_per_s = interval_steps * meta_batch_size / elapsed
-        logging.info('step %d: loss %.4f, accuracy %.3f, %.1f episodes/s',
-                     step, means['loss'], means['accuracy'], episodes_per_s)
-        log.write(step, episodes_per_second=episodes_per_s,
-                  **{f'train_{k}': v for k, v in means.items()})
-        interval_start, interval_steps, metrics_sum = time.time(), 0, None
-      if (step % config.train.eval_every == 0 and step < num_steps
-          and stop.received is None):
-        validate(step)
-        interval_start = time.time()  # validation time is not training time
-      due = (step % config.train.checkpoint_every_steps == 0 or
-             time.time() - last_save_time > config.train.checkpoint_every_secs)
-      saved = due or step == num_steps
-      if saved:
-        checkpointer.save(step, state, config_dict)
-        last_save_time = time.time()
-      if stop.received is not None:
-        if not saved:
-          checkpointer.save(step, state, config_dict)
-        checkpointer.wait()
-        checkpointer.close()
-        logging.warning('Stopped at step %d with a checkpoint; run the same '
-                        'command again to resume.', step)
-        break
+  if stopped_by is not None:  # a previous handler that did not stop us
+    return {'step': step, 'stopped_by': stopped_by}
 
-  if stop.received is not None:  # a previous handler that did not stop us
-    return {'step': step, 'stopped_by': signal.Signals(stop.received).name}
-
-  results = {'step': step, 'val': validate(step)}
+  results = {'step': step, 'val': validate(state, step)}
   if config.eval.test_at_end:
     test_evaluate = jax.jit(episode_accuracies(
         algorithm, eval_spec, config.eval.num_episodes,

@@ -2,7 +2,9 @@
 
 import importlib.util
 import json
+import os
 import pathlib
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +13,7 @@ import pytest
 
 from fewshot import backbones
 from fewshot import pretrain
+from fewshot import train
 from fewshot.checkpoint import Checkpointer
 from fewshot.data import augment
 
@@ -155,14 +158,42 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(straight_run,
   with pytest.raises(KeyboardInterrupt):
     pretrain.pretrain_and_evaluate(config, str(tmp_path))
   monkeypatch.setattr(Checkpointer, 'save', original_save)
-  assert Checkpointer(tmp_path / 'checkpoints').latest_step() == 2
-  assert pretrain.pretrain_and_evaluate(config, str(tmp_path))['step'] == 4
+  _resume_and_compare(config, straight_dir, tmp_path, stopped_at=2)
 
+
+def _resume_and_compare(config, straight_dir, workdir, stopped_at):
+  """Checks the stopped run kept `stopped_at`, resumes it to the end and
+  compares its state with the uninterrupted run's, bit for bit."""
+  assert Checkpointer(workdir / 'checkpoints').latest_step() == stopped_at
+  assert pretrain.pretrain_and_evaluate(config, str(workdir))['step'] == 4
   straight, *_ = _restore_state(config, straight_dir)
-  resumed, *_ = _restore_state(config, tmp_path)
+  resumed, *_ = _restore_state(config, workdir)
   jax.tree.map(np.testing.assert_array_equal,
                (straight.params, straight.model_state, straight.opt_state),
                (resumed.params, resumed.model_state, resumed.opt_state))
+
+
+def test_ctrl_c_checkpoints_the_current_step_and_resumes(straight_run,
+                                                         tmp_path,
+                                                         monkeypatch):
+  # SIGINT after step 3 (checkpoints are every 2 steps): the run must save
+  # step 3, then raise KeyboardInterrupt as Ctrl-C does.
+  config, straight_dir, _ = straight_run
+  config = config.copy_and_resolve_references()
+  config.train.log_every = 1
+  original_write = train.MetricsLog.write
+
+  def write_then_interrupt(self, step, **values):
+    original_write(self, step, **values)
+    if step == 3 and 'train_loss' in values:
+      os.kill(os.getpid(), signal.SIGINT)
+
+  monkeypatch.setattr(train.MetricsLog, 'write', write_then_interrupt)
+  with pytest.raises(KeyboardInterrupt):
+    pretrain.pretrain_and_evaluate(config, str(tmp_path))
+  monkeypatch.setattr(train.MetricsLog, 'write', original_write)
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  _resume_and_compare(config, straight_dir, tmp_path, stopped_at=3)
 
 
 def test_load_returns_the_trained_backbone(straight_run):
