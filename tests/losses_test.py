@@ -1,6 +1,5 @@
 """The generic loss, its meta-batch version and the confidence interval."""
 
-import functools
 import math
 import statistics
 

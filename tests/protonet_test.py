@@ -12,7 +12,6 @@ from fewshot.algorithms.protonet import (cosine_similarities, prototypes,
                                          squared_distances)
 from fewshot.data import sampling
 from fewshot.data.synthetic import synthetic_splits
-from fewshot.episodes import Episode
 from fewshot.losses import query_logits
 
 

@@ -1,6 +1,5 @@
 """The trainer end to end: training, resuming, compiling once, clear errors."""
 
-import functools
 import importlib.util
 import json
 import os
