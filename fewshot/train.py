@@ -311,7 +311,9 @@ class StopSignals:
       signal.raise_signal(self.received)
 
 
-def run_training_loop(train_step, state: TrainState, train_data: Any, *,
+def run_training_loop(train_step: Callable[[TrainState, Any],
+                                            tuple[TrainState, Any]],
+                      state: TrainState, train_data: Any, *,
                       settings: ml_collections.ConfigDict,
                       checkpointer: Checkpointer, config_dict: dict[str, Any],
                       log: MetricsLog,
@@ -321,19 +323,25 @@ def run_training_loop(train_step, state: TrainState, train_data: Any, *,
   """Steps `state` to `settings.num_steps`, logging, validating and saving.
 
   The loop shared by meta-training and pretraining. `train_step(state,
-  train_data) -> (state, metrics)` is compiled; `metrics` (scalars, with
-  'loss' and 'accuracy') are averaged over every `log_every` steps and
-  logged with the rate in `items`/s (`items_per_step` per step).
-  `validate(state, step)` runs every `eval_every` steps, except after the
-  last (the caller validates the final state). A checkpoint is written every
-  `checkpoint_every_steps` steps or `checkpoint_every_secs` seconds and at
-  the last step. SIGTERM or SIGINT stops the loop after the current step
-  with a checkpoint (see `StopSignals`; single-process runs only).
+  train_data) -> (state, metrics)` is a jitted step that may donate
+  `state` (do not use the `state` passed in afterwards); `metrics` are
+  scalars with 'loss' and 'accuracy', averaged over the steps since the
+  last log line (every `log_every` steps) and written to `log` as
+  `train_<name>` with the rate `<items>_per_second` (`items_per_step` per
+  step). `validate(state, step)` runs every `eval_every` steps, except after
+  the last (the caller validates the final state) or once a signal came. A
+  checkpoint is written every `checkpoint_every_steps` steps or
+  `checkpoint_every_secs` seconds and at the last step.
+
+  SIGTERM or SIGINT stops the loop after the current step with a checkpoint
+  (see `StopSignals`; single-process runs only); the signal then goes to
+  its previous handler, which normally ends the process (SIGINT's raises
+  KeyboardInterrupt here).
 
   Returns:
     `(state, stopped_by)`: the last state, and the name of the signal that
-    stopped the loop (its previous handler did not end the process), or
-    None if all steps ran. The checkpointer is closed after a signal.
+    stopped the loop if its previous handler returned, else None. The
+    checkpointer's writes are finished; it is closed after a signal.
   """
   step = int(state.step)
   num_steps = settings.num_steps
@@ -368,11 +376,14 @@ def run_training_loop(train_step, state: TrainState, train_data: Any, *,
       if stop.received is not None:
         if not saved:
           checkpointer.save(step, state, config_dict)
-        checkpointer.wait()
-        checkpointer.close()
         logging.warning('Stopped at step %d with a checkpoint; run the same '
                         'command again to resume.', step)
         break
+    # Inside the block: a signal that comes after the last step's check is
+    # passed on only once the final checkpoint is written.
+    checkpointer.wait()
+    if stop.received is not None:
+      checkpointer.close()
   if stop.received is not None:
     return state, signal.Signals(stop.received).name
   return state, None

@@ -164,7 +164,9 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(straight_run,
 def _resume_and_compare(config, straight_dir, workdir, stopped_at):
   """Checks the stopped run kept `stopped_at`, resumes it to the end and
   compares its state with the uninterrupted run's, bit for bit."""
-  assert Checkpointer(workdir / 'checkpoints').latest_step() == stopped_at
+  checkpointer = Checkpointer(workdir / 'checkpoints')
+  assert checkpointer.latest_step() == stopped_at
+  checkpointer.close()
   assert pretrain.pretrain_and_evaluate(config, str(workdir))['step'] == 4
   straight, *_ = _restore_state(config, straight_dir)
   resumed, *_ = _restore_state(config, workdir)
@@ -189,10 +191,16 @@ def test_ctrl_c_checkpoints_the_current_step_and_resumes(straight_run,
       os.kill(os.getpid(), signal.SIGINT)
 
   monkeypatch.setattr(train.MetricsLog, 'write', write_then_interrupt)
-  with pytest.raises(KeyboardInterrupt):
-    pretrain.pretrain_and_evaluate(config, str(tmp_path))
+  # Python's own Ctrl-C handler, whatever pytest was started with.
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    with pytest.raises(KeyboardInterrupt):
+      pretrain.pretrain_and_evaluate(config, str(tmp_path))
+    # The loop put the handler back.
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  finally:
+    signal.signal(signal.SIGINT, previous)
   monkeypatch.setattr(train.MetricsLog, 'write', original_write)
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
   _resume_and_compare(config, straight_dir, tmp_path, stopped_at=3)
 
 

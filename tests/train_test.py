@@ -68,7 +68,9 @@ def _resume_and_compare(config, tmp_path, name, stopped_at):
   """Checks the stopped run kept `stopped_at`, resumes it to the end and
   compares it with the uninterrupted run in `tmp_path / 'straight'`."""
   workdir = tmp_path / name
-  assert Checkpointer(workdir / 'checkpoints').latest_step() == stopped_at
+  checkpointer = Checkpointer(workdir / 'checkpoints')
+  assert checkpointer.latest_step() == stopped_at
+  checkpointer.close()
   results = train.train_and_evaluate(config, str(workdir))
   assert results['step'] == config.train.num_steps
   straight = _final_params(config, str(tmp_path / 'straight'))
