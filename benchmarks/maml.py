@@ -209,7 +209,8 @@ def run_setting(setting: str, args: argparse.Namespace,
   compile_seconds = time.perf_counter() - start
   after_compile_mb = peak_rss_mb()
   resident_after_compile_mb = current_rss_mb()
-  records = [emit('maml_compile', compile_seconds, 's', **fields)]
+  records = [emit('maml_compile', compile_seconds, 's',
+                  library_fusions=library_fusions(compiled), **fields)]
   records += xla_memory_records(compiled, fields)
   if args.compile_only:
     return records
@@ -242,6 +243,18 @@ def run_setting(setting: str, args: argparse.Namespace,
                       run_increase_mb=run_increase_mb,
                       peak_mb=round(peak_mb, 1), **fields))
   return records
+
+
+def library_fusions(compiled) -> dict[str, int]:
+  """How many ops XLA:CPU handed to YNNPACK / XNNPACK / oneDNN fusions.
+
+  jaxlib 0.10's XLA:CPU runs convolutions and dots as `__ynn_fusion`s by
+  default (`--xla_cpu_experimental_ynn_fusion_type`); this shows whether a
+  run used them (WORKSPACE.md, "XLA:CPU flags").
+  """
+  text = compiled.as_text() or ''
+  return {name: text.count(f'"kind":"__{name}_fusion"')
+          for name in ('ynn', 'xnn', 'onednn')}
 
 
 def xla_memory_records(compiled, fields: dict) -> list[dict]:
@@ -356,7 +369,8 @@ def main() -> None:
     tune_malloc()  # before any JAX computation
     machine = dict(backend=jax.default_backend(),
                    device=jax.devices()[0].device_kind,
-                   cpus=os.cpu_count(), host=platform.machine())
+                   cpus=os.cpu_count(), host=platform.machine(),
+                   xla_flags=os.environ.get('XLA_FLAGS', ''))
     records = run_setting(settings[0], args, machine)
   else:
     records = run_in_subprocesses(settings, args)
