@@ -19,7 +19,10 @@ The config argument is a comma-separated list of `key=value` overrides:
   norm             'batch' (transductive, default) or 'batch_running';
   remat            rematerialise inner steps (bounded memory, more compute);
   decay_start      outer Adam at 1e-3 until this step, then a cosine to zero
-                   at `steps` (default 0: constant 1e-3, as in the paper).
+                   at `steps` (default: constant 1e-3, as in the paper).
+Unset arguments follow the paper: queries = shots, inner_steps 1 (5-way) or
+5 (20-way), inner_lr 0.4 or 0.1, meta_batch_size 32 or 16; eval_inner_steps
+is 10 (0 means no adaptation at evaluation).
 Measured (WORKSPACE.md has the wall times), 5-way 1-shot over 1,000 test
 episodes with 10 evaluation steps: MAML with 5 training queries per class,
 
@@ -34,30 +37,30 @@ episodes in 11,000 meta-batches); earlier, with 3 evaluation steps: FOMAML
 after 1,500 meta-batches 81.52 +- 0.62.
 """
 
-import os
-
 import ml_collections
 
-from fewshot.config_args import parse_arg
+from fewshot.config_args import data_section, eval_section, parse_arg
+
+# The config argument's keys and defaults; a type means "not set" (the
+# value then follows from the others, as the docstring says).
+ARGUMENTS = dict(ways=5, shots=1, algorithm='maml', steps=60000, queries=int,
+                 inner_steps=int, eval_inner_steps=10, inner_lr=float,
+                 meta_batch_size=int, norm='batch', remat=False,
+                 decay_start=int)
 
 
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = parse_arg(arg, ways=5, shots=1, algorithm='maml', steps=60000,
-                   queries=0, inner_steps=0, eval_inner_steps=0, inner_lr=0.0,
-                   meta_batch_size=0, norm='batch', remat=False,
-                   decay_start=0)
+def config_from_args(args: ml_collections.ConfigDict
+                     ) -> ml_collections.ConfigDict:
+  """The config of parsed arguments (shared with `anil_omniglot.py`)."""
   five_way = args.ways <= 5
-  inner_steps = args.inner_steps or (1 if five_way else 5)
-  inner_lr = args.inner_lr or (0.4 if five_way else 0.1)
+  inner_steps = args.inner_steps
+  if inner_steps is None:
+    inner_steps = 1 if five_way else 5
+  inner_lr = args.inner_lr if args.inner_lr is not None else (
+      0.4 if five_way else 0.1)
   config = ml_collections.ConfigDict()
   config.seed = 0
-  config.data = dict(
-      name='omniglot',
-      manual_dir=os.environ.get('FEWSHOT_MANUAL_DIR'),
-      data_dir=os.environ.get('FEWSHOT_DATA_DIR'),
-      image_size=28,
-      rotations=True,
-  )
+  config.data = data_section('omniglot', image_size=28, rotations=True)
   config.backbone = dict(name='conv4', filters=64, norm=args.norm)
   config.algorithm = dict(
       name=args.algorithm,
@@ -65,25 +68,29 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       inner_learning_rate=inner_lr,
       # The paper trains with 1 (5-way) or 5 (20-way) inner steps and tests
       # with 10 (`test_num_updates = 10` in Finn et al.'s code for Omniglot).
-      eval_inner_steps=args.eval_inner_steps or 10,
+      eval_inner_steps=args.eval_inner_steps,
       remat=args.remat,
   )
   if args.algorithm != 'proto_maml':
     config.algorithm.num_ways = args.ways
-  if args.decay_start:
+  if args.decay_start is not None:
     # Constant until decay_start, then a cosine to zero at `steps`. The
     # optimizer state is the same as the constant schedule's, so a constant
-    # run can be continued with it (see fewshot.train.make_optimizer).
+    # run can be continued with it (see fewshot.optimizers.make_optimizer).
     config.optimizer = dict(name='adam', learning_rate=1e-3, schedule='cosine',
                             decay_start=args.decay_start)
   else:
     config.optimizer = dict(name='adam', learning_rate=1e-3,
                             schedule='constant')
-  config.train = dict(
+  config.objective = dict(
+      name='episodic',
       ways=args.ways,
       shots=args.shots,
-      queries=args.queries or args.shots,
-      meta_batch_size=args.meta_batch_size or (32 if five_way else 16),
+      queries=args.queries if args.queries is not None else args.shots,
+      meta_batch_size=(args.meta_batch_size if args.meta_batch_size is not None
+                       else 32 if five_way else 16),
+  )
+  config.train = dict(
       num_steps=args.steps,
       log_every=50,
       eval_every=500,
@@ -91,14 +98,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       checkpoint_every_secs=300,
       max_checkpoints=3,
   )
-  config.eval = dict(
-      ways=args.ways,
-      shots=args.shots,
-      queries=15,
-      num_episodes=600,
-      val_episodes=300,
-      images_per_chunk=1024,
-      seed=2017,
-      test_at_end=True,
-  )
+  config.eval = eval_section(ways=args.ways, shots=args.shots,
+                             images_per_chunk=1024)
   return config
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  return config_from_args(parse_arg(arg, **ARGUMENTS))

@@ -16,11 +16,9 @@ a 2-core CPU beside other jobs), 5-way 1-shot 37.39 +- 0.76 over 600 test
 episodes; far from converged.
 """
 
-import os
-
 import ml_collections
 
-from fewshot.config_args import parse_arg
+from fewshot.config_args import data_section, eval_section, parse_arg
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -28,12 +26,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                    image_size=64, filters=32, remat=False)
   config = ml_collections.ConfigDict()
   config.seed = 0
-  config.data = dict(
-      name='tiny_imagenet',
-      manual_dir=os.environ.get('FEWSHOT_MANUAL_DIR'),
-      data_dir=os.environ.get('FEWSHOT_DATA_DIR'),
-      image_size=args.image_size,
-  )
+  config.data = data_section('tiny_imagenet', image_size=args.image_size)
   config.backbone = dict(name='conv4', filters=args.filters, norm='batch')
   config.algorithm = dict(name=args.algorithm, inner_steps=5,
                           inner_learning_rate=0.01, eval_inner_steps=10,
@@ -41,12 +34,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if args.algorithm != 'proto_maml':
     config.algorithm.num_ways = args.ways
   config.optimizer = dict(name='adam', learning_rate=1e-3, schedule='constant')
+  config.objective = dict(name='episodic', ways=args.ways, shots=args.shots,
+                          queries=15, meta_batch_size=4)
   config.train = dict(
-      ways=args.ways, shots=args.shots, queries=15, meta_batch_size=4,
       num_steps=args.steps, log_every=50, eval_every=1000,
       checkpoint_every_steps=1000, checkpoint_every_secs=300,
       max_checkpoints=3)
-  config.eval = dict(ways=args.ways, shots=args.shots, queries=15,
-                     num_episodes=600, val_episodes=200, images_per_chunk=1024,
-                     seed=2017, test_at_end=True)
+  config.eval = eval_section(ways=args.ways, shots=args.shots,
+                             val_episodes=200, images_per_chunk=1024)
   return config

@@ -4,14 +4,13 @@ The "good embedding" of Tian et al. (2020): cross-entropy on all 60,000
 meta-train images, then nearest-centroid few-shot evaluation of the frozen
 features on the 40 meta-val (and at the end meta-test) classes.
 
-  FEWSHOT_MANUAL_DIR=../shared/data python experiments/pretrain.py \
+  FEWSHOT_MANUAL_DIR=../shared/data python experiments/train.py \
       --config configs/pretrain_resnet12_tiny_imagenet.py \
       --workdir runs/pretrain_resnet12_tiny_imagenet
 
 Then `fewshot.backbones.load('resnet12', weights=<workdir>)` returns the
-backbone, and any training config whose backbone section reads
-`dict(name='resnet12', widths=..., weights=<workdir>)` starts
-`experiments/train.py` from it.
+backbone, and any config whose backbone section reads
+`dict(name='resnet12', widths=..., weights=<workdir>)` starts from it.
 
 The default is sized for a 2-core CPU, not for accuracy: 32x32 images
 (`ClassDataset` resized once and cached), widths (16, 40, 80, 160)
@@ -26,7 +25,7 @@ images/s) while other jobs loaded the machine (load average ~6), i.e. about
 paper's widths (8 epochs: ~4 hours).
 Paper-like settings for an accelerator:
 
-  python experiments/pretrain.py \
+  python experiments/train.py \
       --config configs/pretrain_resnet12_tiny_imagenet.py:width=64,image_size=64,epochs=90 \
       --workdir runs/pretrain_resnet12_full
 
@@ -35,11 +34,9 @@ image_size, epochs, batch_size, shots (of the evaluation episodes), head
 ('linear' or 'cosine' for Baseline++).
 """
 
-import os
-
 import ml_collections
 
-from fewshot.config_args import parse_arg
+from fewshot.config_args import data_section, eval_section, parse_arg
 
 META_TRAIN_IMAGES = 120 * 500
 
@@ -50,29 +47,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   steps_per_epoch = META_TRAIN_IMAGES // args.batch_size
   config = ml_collections.ConfigDict()
   config.seed = 0
-  config.data = dict(
-      name='tiny_imagenet',
-      manual_dir=os.environ.get('FEWSHOT_MANUAL_DIR'),
-      data_dir=os.environ.get('FEWSHOT_DATA_DIR'),
-      image_size=args.image_size,
-  )
+  config.data = data_section('tiny_imagenet', image_size=args.image_size)
   width = args.width
   config.backbone = dict(name='resnet12',
                          widths=(width, width * 5 // 2, width * 5, width * 10),
                          norm='batch_running')
   # The few-shot learner that evaluates the frozen features.
   config.algorithm = dict(name='protonet', distance='cosine')
-  config.head = dict(kind=args.head, init_scale=10.0)
+  config.objective = dict(
+      name='supervised', batch_size=args.batch_size, head=args.head,
+      init_scale=10.0,
+      augment=dict(crop_padding=args.image_size // 8, pad_mode='constant',
+                   flip=True))
   config.optimizer = dict(name='sgd', learning_rate=0.05, weight_decay=5e-4,
                           schedule='cosine', warmup_steps=100)
-  config.augment = dict(crop_padding=args.image_size // 8,
-                        pad_mode='constant', flip=True)
   config.train = dict(
-      batch_size=args.batch_size, num_steps=args.epochs * steps_per_epoch,
+      num_steps=args.epochs * steps_per_epoch,
       log_every=50, eval_every=steps_per_epoch,
       checkpoint_every_steps=500, checkpoint_every_secs=300,
       max_checkpoints=2)
-  config.eval = dict(ways=5, shots=args.shots, queries=15, val_episodes=100,
-                     num_episodes=600, images_per_chunk=1000, seed=2017,
-                     test_at_end=True)
+  config.eval = eval_section(shots=args.shots, val_episodes=100,
+                             images_per_chunk=1000)
   return config

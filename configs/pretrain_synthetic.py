@@ -2,15 +2,15 @@
 
 Needs no dataset; used by the tests:
 
-  python experiments/pretrain.py --config configs/pretrain_synthetic.py --workdir runs/pretrain_smoke
+  python experiments/train.py --config configs/pretrain_synthetic.py --workdir runs/pretrain_smoke
 
 A backbone config section with `weights='runs/pretrain_smoke'` (and the
-same name and options) starts `experiments/train.py` from it.
+same name and options) starts another config's training from it.
 """
 
 import ml_collections
 
-from fewshot.config_args import parse_arg
+from fewshot.config_args import eval_section, parse_arg
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -23,14 +23,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.backbone = dict(name='resnet12', widths=(4, 8, 8, 16),
                          norm='batch_running')
   config.algorithm = dict(name='protonet', distance='cosine')  # evaluation
-  config.head = dict(kind=args.head, init_scale=10.0)
+  config.objective = dict(
+      name='supervised', batch_size=16, head=args.head, init_scale=10.0,
+      augment=dict(crop_padding=2, pad_mode='constant', flip=True))
   config.optimizer = dict(name='sgd', learning_rate=0.05, weight_decay=5e-4,
                           schedule='cosine', warmup_steps=0)
-  config.augment = dict(crop_padding=2, pad_mode='constant', flip=True)
-  config.train = dict(batch_size=16, num_steps=args.steps, log_every=5,
-                      eval_every=10, checkpoint_every_steps=10,
-                      checkpoint_every_secs=300, max_checkpoints=2)
-  config.eval = dict(ways=5, shots=1, queries=3, val_episodes=10,
-                     num_episodes=20, images_per_chunk=512, seed=2017,
-                     test_at_end=True)
+  config.train = dict(num_steps=args.steps, log_every=5, eval_every=10,
+                      checkpoint_every_steps=10, checkpoint_every_secs=300,
+                      max_checkpoints=2)
+  config.eval = eval_section(queries=3, val_episodes=10, num_episodes=20,
+                             images_per_chunk=512)
   return config

@@ -21,11 +21,9 @@ alone on a 2-core CPU), on 1,000 test episodes: 5-way 1-shot 98.56 +- 0.19,
 98.76 +- 0.06. Without augmentation (shift=0): 98.25 / 94.70 / 99.51 / 98.59.
 """
 
-import os
-
 import ml_collections
 
-from fewshot.config_args import parse_arg
+from fewshot.config_args import data_section, eval_section, parse_arg
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -34,38 +32,26 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
 
-  config.data = dict(
-      name='omniglot',
-      manual_dir=os.environ.get('FEWSHOT_MANUAL_DIR'),
-      data_dir=os.environ.get('FEWSHOT_DATA_DIR'),
-      image_size=28,
-      rotations=True,
-  )
+  config.data = data_section('omniglot', image_size=28, rotations=True)
   config.backbone = dict(name='conv4', filters=64, norm='batch_running')
   config.algorithm = dict(name='protonet', distance='sqeuclidean')
   config.optimizer = dict(name='adam', learning_rate=1e-3, schedule='step',
                           decay_every=args.decay_every, decay_factor=0.5)
-  config.train = dict(
+  config.objective = dict(
+      name='episodic',
       ways=args.train_ways,
       shots=args.shots,
       queries=5,
       meta_batch_size=1,
+      augment=dict(crop_padding=args.shift, pad_mode='edge'),
+  )
+  config.train = dict(
       num_steps=args.steps,
       log_every=100,
       eval_every=1000,
       checkpoint_every_steps=1000,
       checkpoint_every_secs=300,
       max_checkpoints=3,
-      augment=dict(crop_padding=args.shift, pad_mode='edge'),
   )
-  config.eval = dict(
-      ways=args.ways,
-      shots=args.shots,
-      queries=15,
-      num_episodes=600,
-      val_episodes=300,
-      images_per_chunk=2048,
-      seed=2017,
-      test_at_end=True,
-  )
-  return ml_collections.ConfigDict(config)
+  config.eval = eval_section(ways=args.ways, shots=args.shots)
+  return config

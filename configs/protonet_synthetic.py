@@ -8,7 +8,7 @@ Needs no dataset; used by the tests and to try the pipeline:
 
 import ml_collections
 
-from fewshot.config_args import parse_arg
+from fewshot.config_args import eval_section, parse_arg
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -19,12 +19,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                      images_per_class=20, image_size=28, noise=90.0)
   config.backbone = dict(name='conv4', filters=16, norm='batch_running')
   config.algorithm = dict(name='protonet', distance='sqeuclidean')
+  config.objective = dict(name='episodic', ways=10, shots=args.shots,
+                          queries=5, meta_batch_size=1)
   config.optimizer = dict(name='adam', learning_rate=1e-3, schedule='constant')
-  config.train = dict(ways=10, shots=args.shots, queries=5, meta_batch_size=1,
-                      num_steps=args.steps, log_every=10, eval_every=25,
+  config.train = dict(num_steps=args.steps, log_every=10, eval_every=25,
                       checkpoint_every_steps=25, checkpoint_every_secs=300,
                       max_checkpoints=2)
-  config.eval = dict(ways=args.ways, shots=args.shots, queries=5,
-                     num_episodes=100, val_episodes=50, images_per_chunk=2048,
-                     seed=2017, test_at_end=True)
+  config.eval = eval_section(ways=args.ways, shots=args.shots, queries=5,
+                             num_episodes=100, val_episodes=50)
   return config

@@ -13,11 +13,9 @@ image_size. Measured on a 2-core CPU (WORKSPACE.md): `shots=5,steps=2500,image_s
 on 600 test episodes.
 """
 
-import os
-
 import ml_collections
 
-from fewshot.config_args import parse_arg
+from fewshot.config_args import data_section, eval_section, parse_arg
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -25,22 +23,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                    image_size=64)
   config = ml_collections.ConfigDict()
   config.seed = 0
-  config.data = dict(
-      name='tiny_imagenet',
-      manual_dir=os.environ.get('FEWSHOT_MANUAL_DIR'),
-      data_dir=os.environ.get('FEWSHOT_DATA_DIR'),
-      image_size=args.image_size,
-  )
+  config.data = data_section('tiny_imagenet', image_size=args.image_size)
   config.backbone = dict(name='conv4', filters=64, norm='batch_running')
   config.algorithm = dict(name='protonet', distance='sqeuclidean')
   config.optimizer = dict(name='adam', learning_rate=1e-3, schedule='cosine',
                           warmup_steps=200)
+  config.objective = dict(name='episodic', ways=args.train_ways,
+                          shots=args.shots, queries=15, meta_batch_size=1)
   config.train = dict(
-      ways=args.train_ways, shots=args.shots, queries=15, meta_batch_size=1,
       num_steps=args.steps, log_every=100, eval_every=1000,
       checkpoint_every_steps=1000, checkpoint_every_secs=300,
       max_checkpoints=3)
-  config.eval = dict(ways=args.ways, shots=args.shots, queries=15,
-                     num_episodes=600, val_episodes=200, images_per_chunk=2048,
-                     seed=2017, test_at_end=True)
+  config.eval = eval_section(ways=args.ways, shots=args.shots,
+                             val_episodes=200)
   return config

@@ -22,24 +22,19 @@ Config argument: episodes, input_size, scratch_steps. Measured result in
 WORKSPACE.md.
 """
 
-import os
-
 import ml_collections
 
-from fewshot.config_args import parse_arg
+from fewshot.config_args import data_section, parse_arg
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = parse_arg(arg, episodes=200, input_size=84, scratch_steps=50,
                    mmd_images=500)
-  data_options = dict(manual_dir=os.environ.get('FEWSHOT_MANUAL_DIR'),
-                      data_dir=os.environ.get('FEWSHOT_DATA_DIR'))
   config = ml_collections.ConfigDict()
   config.seed = 0
-  config.target = dict(name='omniglot', split='test', image_size=28,
-                       **data_options)
-  config.source = dict(name='tiny_imagenet', split='test', image_size=64,
-                       mmd_images=args.mmd_images, **data_options)
+  config.target = data_section('omniglot', split='test', image_size=28)
+  config.source = data_section('tiny_imagenet', split='test', image_size=64,
+                               mmd_images=args.mmd_images)
   config.pretrained = dict(
       label='EfficientNet-Lite0 (ImageNet) + linear probe',
       backbone=dict(name='efficientnet_lite0', weights='imagenet',

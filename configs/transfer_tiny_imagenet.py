@@ -29,15 +29,14 @@ stages, then everything):
 Config argument: backbone, weights ('imagenet' by default for
 EfficientNet-Lite0, else a pretrain workdir), algorithm (linear_probe,
 simpleshot, protonet, fine_tune), ways, shots, episodes, image_size (of the
-stored dataset), input_size (fed to the backbone; 0 keeps image_size).
+stored dataset), input_size (fed to the backbone; default 128 for
+EfficientNet-Lite0, else image_size).
 Measured results are in WORKSPACE.md.
 """
 
-import os
-
 import ml_collections
 
-from fewshot.config_args import parse_arg
+from fewshot.config_args import data_section, eval_section, parse_arg
 
 # Layer groups of gradual unfreezing and layer-wise rates, input to output.
 # Paths are relative to the backbone's parameters; a pattern matches a whole
@@ -52,24 +51,21 @@ _LAYERS = {
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = parse_arg(arg, backbone='efficientnet_lite0', weights='',
+  args = parse_arg(arg, backbone='efficientnet_lite0', weights=str,
                    algorithm='linear_probe', ways=5, shots=5, episodes=600,
-                   image_size=64, input_size=0, steps=30)
-  weights = args.weights or ('imagenet' if args.backbone ==
-                             'efficientnet_lite0' else '')
-  if not weights:
-    raise ValueError(f'backbone={args.backbone} needs weights=<pretrain '
-                     'workdir>.')
-  input_size = args.input_size or (
-      128 if args.backbone == 'efficientnet_lite0' else 0)
+                   image_size=64, input_size=int, steps=30)
+  weights = args.weights
+  if weights is None:
+    if args.backbone != 'efficientnet_lite0':
+      raise ValueError(f'backbone={args.backbone} needs weights=<pretrain '
+                       'workdir>.')
+    weights = 'imagenet'
+  input_size = args.input_size
+  if input_size is None and args.backbone == 'efficientnet_lite0':
+    input_size = 128
   config = ml_collections.ConfigDict()
   config.seed = 0
-  config.data = dict(
-      name='tiny_imagenet',
-      manual_dir=os.environ.get('FEWSHOT_MANUAL_DIR'),
-      data_dir=os.environ.get('FEWSHOT_DATA_DIR'),
-      image_size=args.image_size,
-  )
+  config.data = data_section('tiny_imagenet', image_size=args.image_size)
   config.backbone = dict(name=args.backbone, weights=weights)
   if input_size and input_size != args.image_size:
     config.backbone.input_size = input_size
@@ -96,9 +92,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                   (2 * third, ['.*'])])
   else:
     raise ValueError(f'Unknown algorithm {args.algorithm!r}.')
-  config.eval = dict(
-      ways=args.ways, shots=args.shots, queries=15,
-      num_episodes=args.episodes, images_per_chunk=1024, seed=2017,
+  config.eval = eval_section(
+      ways=args.ways, shots=args.shots, num_episodes=args.episodes,
+      images_per_chunk=1024,
       precompute_features=args.algorithm != 'fine_tune',
       feature_batch_size=250)
   return config

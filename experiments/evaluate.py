@@ -17,15 +17,17 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from fewshot import train
+from fewshot import builder
 from fewshot._utils import quiet_library_logs
+from fewshot.evaluators import workdir as evaluation
 from fewshot.ops import tune_malloc
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config.',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string(
-    'workdir', None, 'Workdir written by train.py; omit it to evaluate the '
-    'configured pretrained backbone (config.backbone.weights) as it is.')
+    'workdir', None, 'Workdir written by train.py (any objective); omit it '
+    'to evaluate the configured pretrained backbone (config.backbone.weights) '
+    'as it is.')
 _PROTOCOL = flags.DEFINE_enum('protocol', 'episodes',
                               ['episodes', 'omniglot_runs'],
                               'Seeded test episodes, or Lake et al.\'s runs.')
@@ -43,13 +45,18 @@ def main(argv: Sequence[str]) -> None:
     if not _RUNS_DIR.value or not _WORKDIR.value:
       raise app.UsageError('--protocol omniglot_runs needs --runs_dir and '
                            '--workdir.')
-    result = train.evaluate_omniglot_runs(_CONFIG.value, _WORKDIR.value,
-                                          _RUNS_DIR.value)
+    from fewshot.data.omniglot import read_omniglot_runs  # pylint: disable=g-import-not-at-top
+    runs = read_omniglot_runs(_RUNS_DIR.value,
+                              image_size=_CONFIG.value.data.image_size)
+    result = evaluation.evaluate_omniglot_runs(
+        builder.build(_CONFIG.value, pretrained=False), _WORKDIR.value, runs)
     print(f"error rate {result['error_rate']:.2f}% over "
           f"{result['trials']} trials ({result['runs']} runs)")
   else:
-    result = train.evaluate_workdir(_CONFIG.value, _WORKDIR.value,
-                                    split=_SPLIT.value)
+    experiment = builder.build(_CONFIG.value,
+                               pretrained=_WORKDIR.value is None)
+    result = evaluation.evaluate_workdir(experiment, _WORKDIR.value,
+                                         split=_SPLIT.value)
     print(f"{result['ways']}-way {result['shots']}-shot {result['split']} "
           f"accuracy {100 * result['accuracy']:.2f}% "
           f"+- {100 * result['ci95']:.2f} (95% CI, {result['episodes']} "

@@ -1,6 +1,12 @@
-"""Meta-trains a few-shot learner; re-running on the same workdir resumes.
+"""Trains any objective the config names; re-running on the same workdir resumes.
 
   python experiments/train.py --config configs/protonet_omniglot.py --workdir runs/proto
+  python experiments/train.py --config configs/pretrain_synthetic.py --workdir runs/pretrain
+
+`config.objective.name` says what is trained: 'episodic' (meta-training a
+few-shot algorithm) or 'supervised' (pretraining a backbone with a
+classifier). SIGTERM or Ctrl-C saves a checkpoint first; the same command
+resumes.
 """
 
 import json
@@ -12,7 +18,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from fewshot import train
+from fewshot import harness
 from fewshot._utils import quiet_library_logs
 from fewshot.ops import tune_malloc
 
@@ -33,7 +39,7 @@ def main(argv: Sequence[str]) -> None:
   if _DISTRIBUTED.value:
     import jax  # pylint: disable=g-import-not-at-top
     jax.distributed.initialize()
-  results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  results = harness.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   print(json.dumps(results))
   if 'stopped_by' in results:  # stopped by a signal, checkpoint saved
     sys.exit(128 + signal.Signals[results['stopped_by']].value)

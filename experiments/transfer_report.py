@@ -14,6 +14,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from fewshot import builder
 from fewshot import reports
 from fewshot._utils import quiet_library_logs
 from fewshot.ops import tune_malloc
@@ -27,7 +28,8 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError('Too many command-line arguments.')
   quiet_library_logs()
   tune_malloc()  # before any JAX work; see fewshot/ops/__init__.py
-  result = reports.negative_transfer_report(_CONFIG.value)
+  result = reports.negative_transfer_report(
+      **builder.transfer_report_inputs(_CONFIG.value))
   print(result['markdown'])
   if 'mmd' in result:
     print('MMD^2 source vs target {source_vs_target:.4f}; source half vs '

@@ -1,11 +1,18 @@
-"""A thin orbax wrapper: atomic, bounded, resumable checkpoints of a pytree."""
+"""A thin orbax wrapper: atomic, bounded, resumable checkpoints of a pytree.
+
+The only module that imports orbax. `Checkpointer` saves and restores a
+whole train state; `restore_subset` reads chosen subtrees of the latest one
+(a pretrained backbone without its optimizer state). Both check the stored
+shapes against the wanted ones with `shape_mismatch`.
+"""
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -19,10 +26,38 @@ def _path_string(path) -> str:
   return '/'.join(parts)
 
 
-def _shapes(tree) -> dict[str, tuple[int, ...]]:
+def tree_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """`{'params/backbone/conv0/kernel': shape, ...}` of a pytree of arrays,
+  `ShapeDtypeStruct`s or orbax metadata."""
   leaves = jax.tree_util.tree_flatten_with_path(
       tree, is_leaf=lambda x: hasattr(x, 'shape'))[0]
   return {_path_string(p): tuple(x.shape) for p, x in leaves}
+
+
+def shape_mismatch(stored: Mapping[str, tuple[int, ...]],
+                   wanted: Mapping[str, tuple[int, ...]], *,
+                   exact: Sequence[str] | None = None) -> str | None:
+  """What differs between stored and wanted `{path: shape}`, or None.
+
+  A wanted path that is not stored is 'missing'; a stored one that is not
+  wanted is 'unexpected' (only under the path prefixes `exact`, if given;
+  the rest of a checkpoint may hold more than is read). Parameter shapes
+  are named first: they say the most about an architecture.
+  """
+  missing = sorted(set(wanted) - set(stored))
+  extra = sorted(k for k in set(stored) - set(wanted)
+                 if exact is None or any(k.startswith(p) for p in exact))
+  differ = sorted((k for k in set(wanted) & set(stored)
+                   if wanted[k] != stored[k]),
+                  key=lambda k: (not k.startswith('params/'), k))
+  if missing:
+    return f'missing {missing[:3]}'
+  if extra:
+    return f'unexpected {extra[:3]}'
+  if differ:
+    return (f'{differ[0]} has shape {stored[differ[0]]} in the checkpoint but '
+            f'{wanted[differ[0]]} in the model')
+  return None
 
 
 class Checkpointer:
@@ -63,17 +98,9 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f'No checkpoint in {self._manager.directory}.')
-    stored = _shapes(self._manager.item_metadata(step)['state'].tree)
-    wanted = _shapes(abstract_state)
-    if stored != wanted:
-      missing = sorted(set(wanted) - set(stored))
-      extra = sorted(set(stored) - set(wanted))
-      differ = sorted(k for k in set(wanted) & set(stored)
-                      if wanted[k] != stored[k])
-      detail = (f'missing {missing[:3]}' if missing else
-                f'unexpected {extra[:3]}' if extra else
-                f'{differ[0]} has shape {stored[differ[0]]} in the checkpoint '
-                f'but {wanted[differ[0]]} in the model')
+    stored = tree_shapes(self._manager.item_metadata(step)['state'].tree)
+    detail = shape_mismatch(stored, tree_shapes(abstract_state))
+    if detail:
       raise ValueError(
           f'The checkpoint at step {step} in {self._manager.directory} was '
           f'written for another architecture: {detail}.')
@@ -88,3 +115,79 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+
+class SubsetMismatch(ValueError):
+  """`restore_subset`'s stored shapes differ from the wanted ones."""
+
+  def __init__(self, step: int, detail: str):
+    super().__init__(f'the checkpoint at step {step} differs: {detail}')
+    self.step, self.detail = step, detail
+
+
+def stored_shapes(directory: str | os.PathLike
+                  ) -> tuple[int, dict[str, tuple[int, ...]]]:
+  """`(step, {path: shape})` of the latest checkpoint's state in `directory`."""
+  manager = _reader(directory)
+  try:
+    step = _latest(manager, directory)
+    return step, tree_shapes(manager.item_metadata(step)['state'].tree)
+  finally:
+    manager.close()
+
+
+def restore_subset(directory: str | os.PathLike, abstract: Any, *,
+                   exact: Sequence[str] = ()) -> tuple[int, Any]:
+  """Reads the subtrees of `abstract` from the latest checkpoint's state.
+
+  Only those arrays are read (e.g. `{'params': {'backbone': ...},
+  'model_state': ...}`, not the optimizer state), as numpy arrays.
+
+  Args:
+    directory: a `checkpoints/` folder written by `Checkpointer`.
+    abstract: nested dicts of `jax.ShapeDtypeStruct` shaped like the part
+      of the stored state to read.
+    exact: path prefixes under which the checkpoint may hold nothing that
+      `abstract` lacks (see `shape_mismatch`).
+
+  Returns:
+    `(step, tree)` with the structure of `abstract`.
+
+  Raises:
+    FileNotFoundError: no checkpoint in `directory`.
+    SubsetMismatch: the stored shapes differ from the wanted ones.
+  """
+  manager = _reader(directory)
+  try:
+    step = _latest(manager, directory)
+    stored = tree_shapes(manager.item_metadata(step)['state'].tree)
+    detail = shape_mismatch(stored, tree_shapes(abstract), exact=exact)
+    if detail:
+      raise SubsetMismatch(step, detail)
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+            abstract, restore_args=jax.tree.map(
+                lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract),
+            partial_restore=True))).state
+  finally:
+    manager.close()
+  return step, restored
+
+
+def _reader(directory) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
+      os.path.abspath(directory),
+      options=ocp.CheckpointManagerOptions(create=False),
+      item_handlers={'state': ocp.PyTreeCheckpointHandler(),
+                     'config': ocp.JsonCheckpointHandler()})
+
+
+def _latest(manager: ocp.CheckpointManager, directory) -> int:
+  step = manager.latest_step()
+  if step is None:
+    raise FileNotFoundError(f'No checkpoint in {directory}.')
+  return step
+
+
+__all__ = ['Checkpointer', 'SubsetMismatch', 'restore_subset',
+           'shape_mismatch', 'stored_shapes', 'tree_shapes']

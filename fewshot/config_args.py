@@ -1,19 +1,43 @@
-"""Parsing of the string argument of `configs/*.py:get_config(arg)`."""
+"""What `configs/*.py` share: the argument parser and the common sections.
+
+`parse_arg` turns `get_config`'s string argument into typed values;
+`data_section` is the data section with its `FEWSHOT_*` environment
+defaults, and `eval_section` the few-shot evaluation settings every config
+starts from (the flax examples' `configs/default.py`, importable here
+because `--config` files are loaded by path).
+"""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import ml_collections
+
+_TRUE, _FALSE = ('true', '1', 'yes'), ('false', '0', 'no')
+
+
+def _parse_bool(key: str, value: str) -> bool:
+  if value.lower() in _TRUE:
+    return True
+  if value.lower() in _FALSE:
+    return False
+  raise ValueError(f'Config argument {key}={value!r} is not a boolean: use '
+                   f'one of {_TRUE + _FALSE}.')
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
   """`'ways=20,shots=5'` -> ConfigDict over `defaults`, typed like them.
 
+  A default that is a type (`queries=int`) means "not set": the value is
+  None unless the argument gives one of that type. Booleans are
+  'true'/'false' (or 1/0, yes/no), nothing else.
+
   Raises:
-    ValueError: a key that is not in `defaults`, or a malformed item.
+    ValueError: a key that is not in `defaults`, a malformed item, or a
+      value that is not of its key's type.
   """
-  values = dict(defaults)
+  values = {k: None if isinstance(v, type) else v for k, v in defaults.items()}
   for item in filter(None, (arg or '').split(',')):
     key, sep, value = item.partition('=')
     if not sep:
@@ -21,9 +45,47 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
     if key not in defaults:
       raise ValueError(f'Unknown config argument {key!r}; known: '
                        f'{sorted(defaults)}.')
-    kind = type(defaults[key])
+    default = defaults[key]
+    kind = default if isinstance(default, type) else type(default)
     if kind is bool:
-      values[key] = value.lower() in ('1', 'true', 'yes')
+      values[key] = _parse_bool(key, value)
     else:
-      values[key] = kind(value)
+      try:
+        values[key] = kind(value)
+      except ValueError as e:
+        raise ValueError(f'Config argument {key}={value!r} is not a '
+                         f'{kind.__name__}.') from e
   return ml_collections.ConfigDict(values)
+
+
+def data_section(name: str, **options: Any) -> dict[str, Any]:
+  """A `data` section: `fewshot.data.load_splits(name, **options)`.
+
+  The TFDS manual and data directories default to `FEWSHOT_MANUAL_DIR` and
+  `FEWSHOT_DATA_DIR` (`--config.data.manual_dir=...` overrides them).
+  """
+  return dict(name=name, manual_dir=os.environ.get('FEWSHOT_MANUAL_DIR'),
+              data_dir=os.environ.get('FEWSHOT_DATA_DIR'), **options)
+
+
+def eval_section(**overrides: Any) -> dict[str, Any]:
+  """The `eval` section: seeded few-shot episodes of the val and test classes.
+
+  Defaults: 5-way 1-shot 15-query episodes, 600 at test (the literature's
+  count) and 300 at each validation, seed 2017 (test episodes; validation
+  uses seed + 1), a test at the end of training.
+  """
+  section = dict(ways=5, shots=1, queries=15, num_episodes=600,
+                 val_episodes=300, images_per_chunk=2048, seed=2017,
+                 test_at_end=True)
+  unknown = sorted(set(overrides) - set(section) -
+                   {'precompute_features', 'feature_batch_size'})
+  if unknown:
+    raise ValueError(f'Unknown eval setting(s) {unknown}; known: '
+                     f'{sorted(section)}, precompute_features, '
+                     'feature_batch_size.')
+  section.update(overrides)
+  return section
+
+
+__all__ = ['data_section', 'eval_section', 'parse_arg']

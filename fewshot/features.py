@@ -7,7 +7,8 @@ stored `[M, D]` features: a linear probe, SimpleShot or ProtoNet evaluation of
 episode, and the probes run in one compiled call over `identity_backbone`.
 This is exact only for backbones whose evaluation mode treats images
 independently (running BatchNorm statistics, not transductive batch
-statistics); `precompute` cannot check that, `train.evaluate_workdir` does.
+statistics); `precompute` cannot check that; the builder does for
+`eval.precompute_features`.
 """
 
 from __future__ import annotations

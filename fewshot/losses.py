@@ -1,14 +1,12 @@
-"""The one generic episodic loss, accuracy and confidence intervals."""
+"""The one generic episodic loss: one episode, and a meta-batch with its gradient."""
 
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from fewshot.algorithms.base import Algorithm, MetaParams
@@ -106,16 +104,3 @@ def meta_batch_value_and_grad(
   metrics = jax.tree.map(jnp.mean, metrics)
   states = jax.tree.map(lambda s: jnp.mean(s, axis=0), states)
   return (jnp.mean(losses), (metrics, states)), _mean_over_tasks(grads)
-
-
-def mean_confidence_interval(values: Any) -> tuple[float, float]:
-  """Mean and the half-width of its 95% normal confidence interval.
-
-  `1.96 * std / sqrt(n)` with the sample standard deviation (ddof=1), the
-  convention of the few-shot literature.
-  """
-  values = np.asarray(values, dtype=np.float64).reshape(-1)
-  if values.size < 2:
-    raise ValueError('A confidence interval needs at least two values.')
-  return (float(values.mean()),
-          float(1.96 * values.std(ddof=1) / math.sqrt(values.size)))

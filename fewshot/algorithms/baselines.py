@@ -21,10 +21,12 @@ import jax.numpy as jnp
 import optax
 
 from fewshot.algorithms.base import Algorithm
-from fewshot.algorithms.protonet import prototypes, squared_distances
 from fewshot.backbones.base import Backbone, ModelState, Params
-from fewshot.transfer.finetune import (fit, inner_optimizer, linear_logits,
-                                       prototype_head, zeros_head)
+from fewshot.heads import (cosine_logits, l2_normalize, linear_logits,
+                           prototype_head, prototypes, squared_distances,
+                           zeros_head)
+from fewshot.optimizers import inner_optimizer
+from fewshot.transfer.finetune import fit
 from fewshot.transfer.masks import freeze, path_mask
 from fewshot.transfer.regularizers import l2sp_penalty
 from fewshot.transfer.schedules import (gradual_unfreezing,
@@ -34,12 +36,6 @@ SOLVERS = ('ridge', 'logistic')
 FORMS = ('auto', 'primal', 'dual')
 HEAD_INITS = ('zeros', 'prototypes')
 CENTERINGS = ('support', 'base', 'none')
-
-
-def l2_normalize(features_BxD: jax.Array, epsilon: float = 1e-12) -> jax.Array:
-  """Rows scaled to unit Euclidean norm."""
-  return features_BxD * jax.lax.rsqrt(
-      jnp.sum(jnp.square(features_BxD), axis=-1, keepdims=True) + epsilon)
 
 
 def _embed(backbone: Backbone, freeze_backbone: bool, backbone_params: Params,
@@ -282,12 +278,6 @@ def simpleshot(backbone: Backbone, *, centering: str = 'support',
   return Algorithm(init=init, adapt=adapt, predict=predict)
 
 
-def cosine_logits(features_BxD: jax.Array, kernel_DxN: jax.Array,
-                  scale: float) -> jax.Array:
-  """`[B, N]` `scale * cos(feature_b, kernel[:, n])`."""
-  return scale * (l2_normalize(features_BxD) @ l2_normalize(kernel_DxN.T).T)
-
-
 def baseline_pp(backbone: Backbone, *, scale: float = 10.0, steps: int = 50,
                 learning_rate: float = 0.01,
                 optimizer: str | optax.GradientTransformation = 'adam',
@@ -466,5 +456,5 @@ def fine_tune(backbone: Backbone, *, steps: int = 20,
   return Algorithm(init=_init_backbone(backbone), adapt=adapt, predict=predict)
 
 
-__all__ = ['baseline_pp', 'cosine_logits', 'feature_mean', 'fine_tune',
-           'l2_normalize', 'linear_probe', 'ridge_weights', 'simpleshot']
+__all__ = ['baseline_pp', 'feature_mean', 'fine_tune', 'linear_probe',
+           'ridge_weights', 'simpleshot']

@@ -32,25 +32,19 @@ uses batch statistics while adapting and running averages at evaluation.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from fewshot.algorithms.base import Algorithm
-from fewshot.algorithms.protonet import prototypes
 from fewshot.backbones.base import Backbone
+from fewshot.heads import (init_head, linear_logits, prototype_head,
+                           prototypes, zeros_head)
+from fewshot.optimizers import InnerOptimizer, inner_optimizer as make_inner
 from fewshot.transfer.masks import path_mask, path_string
 
-InnerOptimizer = Union[str, Callable[[float], optax.GradientTransformation]]
-
-# name -> learning rate -> transformation (updates are added to parameters).
-INNER_OPTIMIZERS: dict[str, Callable[[float], optax.GradientTransformation]] = {
-    'sgd': optax.sgd,
-    'momentum': lambda learning_rate: optax.sgd(learning_rate, momentum=0.9),
-    'adam': optax.adam,
-}
 HEAD_INITS = ('random', 'zeros', 'prototypes')
 MODEL_KEYS = ('backbone', 'head')
 
@@ -72,33 +66,6 @@ def _prune(tree: Any) -> Any:
     return {k: v for k, v in pruned.items()
             if v is not None and not (isinstance(v, dict) and not v)}
   return tree
-
-
-def _make_inner_optimizer(inner_optimizer: InnerOptimizer,
-                          learning_rate: float) -> optax.GradientTransformation:
-  if isinstance(inner_optimizer, str):
-    if inner_optimizer not in INNER_OPTIMIZERS:
-      raise ValueError(f'Unknown inner_optimizer {inner_optimizer!r}; known: '
-                       f'{sorted(INNER_OPTIMIZERS)}.')
-    return INNER_OPTIMIZERS[inner_optimizer](learning_rate)
-  return inner_optimizer(learning_rate)
-
-
-def linear_logits(head: dict[str, jax.Array], features: jax.Array) -> jax.Array:
-  """`features [B, D]` -> `[B, N]` with `head = {'kernel': [D, N], 'bias': [N]}`."""
-  return features @ head['kernel'] + head['bias'][None, :]
-
-
-def prototype_head(features_BxD: jax.Array, labels_B: jax.Array,
-                   num_ways: int) -> dict[str, jax.Array]:
-  """The linear head equal to negative squared distances to the prototypes.
-
-  `-|x - c|^2 = 2 c.x - |c|^2 - |x|^2`, and the last term is the same for
-  every class, so `W = 2 c` (`[D, N]`) and `b = -|c|^2` (`[N]`).
-  """
-  protos_NxD = prototypes(features_BxD, labels_B, num_ways)
-  return {'kernel': 2.0 * protos_NxD.T,
-          'bias': -jnp.sum(jnp.square(protos_NxD), axis=-1)}
 
 
 def maml(backbone: Backbone, *, num_ways: int | None = None,
@@ -145,7 +112,7 @@ def maml(backbone: Backbone, *, num_ways: int | None = None,
                      "unless head_init='prototypes'.")
   if inner_steps < 0 or (eval_inner_steps is not None and eval_inner_steps < 0):
     raise ValueError('inner steps must be >= 0.')
-  _make_inner_optimizer(inner_optimizer, 1.0)  # fail early on a bad name
+  make_inner(inner_optimizer, 1.0)  # fail early on a bad name
   train_inner = (inner_steps, inner_learning_rate)
   eval_inner = (inner_steps if eval_inner_steps is None else eval_inner_steps,
                 inner_learning_rate if eval_inner_learning_rate is None
@@ -161,18 +128,10 @@ def maml(backbone: Backbone, *, num_ways: int | None = None,
     feature_shape = jax.eval_shape(
         lambda: backbone.apply(params, model_state, sample_images, False)[0])
     feature_dim = feature_shape.shape[-1]
-    if head_init != 'prototypes':
-      if head_init == 'zeros':
-        kernel = jnp.zeros((feature_dim, num_ways), jnp.float32)
-        bias = jnp.zeros((num_ways,), jnp.float32)
-      else:
-        bound = 1.0 / feature_dim ** 0.5
-        kernel_key, bias_key = jax.random.split(head_key)
-        kernel = jax.random.uniform(kernel_key, (feature_dim, num_ways),
-                                    jnp.float32, -bound, bound)
-        bias = jax.random.uniform(bias_key, (num_ways,), jnp.float32,
-                                  -bound, bound)
-      meta_params['head'] = {'kernel': kernel, 'bias': bias}
+    if head_init == 'zeros':
+      meta_params['head'] = zeros_head(feature_dim, num_ways)
+    elif head_init == 'random':
+      meta_params['head'] = init_head(head_key, feature_dim, num_ways)
     model_params = dict(meta_params)
     if head_init == 'prototypes':  # the head exists once an episode is seen
       model_params['head'] = {'kernel': jnp.zeros((feature_dim, 1)),
@@ -209,8 +168,8 @@ def maml(backbone: Backbone, *, num_ways: int | None = None,
     if head_init == 'prototypes':
       features, model_state = backbone.apply(
           model_params['backbone'], model_state, support_images, train)
-      model_params['head'] = prototype_head(features, support_labels,
-                                            episode.num_ways)
+      model_params['head'] = prototype_head(
+          prototypes(features, support_labels, episode.num_ways))
     elif model_params['head']['bias'].shape[0] != episode.num_ways:
       raise ValueError(
           f'The meta-learned head has {model_params["head"]["bias"].shape[0]} '
@@ -244,16 +203,16 @@ def maml(backbone: Backbone, *, num_ways: int | None = None,
       else:
         features, state = backbone.apply(params['backbone'], state,
                                          support_images, train)
-      logits = linear_logits(params['head'], features)
+      logits = linear_logits(features, params['head'])
       loss = optax.softmax_cross_entropy_with_integer_labels(
           logits, support_labels).mean()
       return loss, state
 
     if learn_inner_rates:
-      optimizer = _make_inner_optimizer(inner_optimizer, 1.0)
+      optimizer = make_inner(inner_optimizer, 1.0)
       rates = jax.tree.leaves(meta_params['inner_rates'])
     else:
-      optimizer = _make_inner_optimizer(inner_optimizer, learning_rate)
+      optimizer = make_inner(inner_optimizer, learning_rate)
       rates = None
 
     def inner_step(carry, _):
@@ -280,7 +239,7 @@ def maml(backbone: Backbone, *, num_ways: int | None = None,
     del meta_params  # everything needed was adapted into task_params
     features, model_state = backbone.apply(task_params['backbone'],
                                            model_state, images, train)
-    return linear_logits(task_params['head'], features), model_state
+    return linear_logits(features, task_params['head']), model_state
 
   return Algorithm(init=init, adapt=adapt, predict=predict)
 

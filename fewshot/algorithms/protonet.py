@@ -7,34 +7,9 @@ import jax.numpy as jnp
 
 from fewshot.algorithms.base import Algorithm
 from fewshot.backbones.base import Backbone
+from fewshot.heads import cosine_similarities, prototypes, squared_distances
 
 DISTANCES = ('sqeuclidean', 'cosine')
-
-
-def prototypes(embeddings_BxD: jax.Array, labels_B: jax.Array,
-               num_ways: int) -> jax.Array:
-  """`[N, D]` mean embedding of each class (as a one-hot matmul)."""
-  onehot_BxN = jax.nn.one_hot(labels_B, num_ways, dtype=embeddings_BxD.dtype)
-  counts_N = onehot_BxN.sum(axis=0)
-  return (onehot_BxN.T @ embeddings_BxD) / jnp.maximum(counts_N, 1.0)[:, None]
-
-
-def squared_distances(queries_BxD: jax.Array,
-                      prototypes_NxD: jax.Array) -> jax.Array:
-  """`[B, N]` squared Euclidean distances, computed with one matmul."""
-  cross_BxN = queries_BxD @ prototypes_NxD.T
-  query_sq_B = jnp.sum(jnp.square(queries_BxD), axis=-1)
-  proto_sq_N = jnp.sum(jnp.square(prototypes_NxD), axis=-1)
-  return jnp.maximum(query_sq_B[:, None] - 2.0 * cross_BxN + proto_sq_N[None, :],
-                     0.0)
-
-
-def cosine_similarities(queries_BxD: jax.Array,
-                        prototypes_NxD: jax.Array) -> jax.Array:
-  """`[B, N]` cosine similarities."""
-  normalise = lambda x: x * jax.lax.rsqrt(
-      jnp.sum(jnp.square(x), axis=-1, keepdims=True) + 1e-12)
-  return normalise(queries_BxD) @ normalise(prototypes_NxD).T
 
 
 def protonet(backbone: Backbone, *, distance: str = 'sqeuclidean',

@@ -25,9 +25,9 @@ def create(name: str, weights: str | None = None, *,
            **kwargs: Any) -> Backbone:
   """Builds the named backbone; kwargs are the module's attributes.
 
-  With `weights` (a pretrain/train workdir or a named source, see `load`),
-  the backbone's `init` returns those weights instead of a random init, so
-  `config.backbone.weights` makes any config start from them.
+  With `weights` (a named source such as 'imagenet', see `load`), the
+  backbone's `init` returns those weights instead of a random init. (A
+  config's `backbone.weights=<workdir>` is read by `fewshot.builder`.)
   `input_size` / `input_channels` resize images and repeat a grayscale
   channel on the device before the module (`with_input_adapter`), e.g. to
   feed 64x64 or 28x28x1 images to an ImageNet backbone.

@@ -7,8 +7,12 @@ the same shape.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+
+from fewshot.episodes import Episode
 
 PAD_MODES = ('constant', 'edge', 'reflect')
 
@@ -71,3 +75,23 @@ def crop_and_flip(key: jax.Array, images: jax.Array, *, crop_padding: int = 0,
   if flip:
     images = random_flip(flip_key, images)
   return images
+
+
+def augment_episodes(key: jax.Array, episodes: Episode,
+                     **options: Any) -> Episode:
+  """Applies `crop_and_flip(**options)` to every support and query image.
+
+  Each image draws its own crop offset and flip; shapes and labels are
+  unchanged, so `episodes` may be one episode or a meta-batch `[T, ...]`.
+  """
+  if not options:
+    return episodes
+  support_key, query_key = jax.random.split(key)
+
+  def augment(key, images):
+    flat = images.reshape((-1,) + images.shape[-3:])
+    return crop_and_flip(key, flat, **options).reshape(images.shape)
+
+  return episodes.replace(
+      support_images=augment(support_key, episodes.support_images),
+      query_images=augment(query_key, episodes.query_images))

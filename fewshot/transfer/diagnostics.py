@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fewshot.losses import mean_confidence_interval
+from fewshot.stats import mean_confidence_interval
 
 DEFAULT_MULTIPLIERS = (0.25, 0.5, 1.0, 2.0, 4.0)
 
@@ -170,61 +170,3 @@ def transfer_report(pretrained: Callable[[int], Any],
   if print_table:
     print(report.markdown())
   return report
-
-
-def linear_probe_transfer_report(
-    backbone: Any, pretrained_params: Any, model_state: Any, data: Any, *,
-    shots: Sequence[int] = (1, 5, 20, 100), num_ways: int = 5,
-    num_queries: int = 15, num_episodes: int = 100,
-    key: jax.Array | None = None, scratch_seed: int = 0,
-    print_table: bool = False, **probe_options: Any) -> TransferReport:
-  """Linear probe on pretrained features versus on a random backbone's.
-
-  The scratch model is the same architecture with random weights (from
-  `scratch_seed`), probed the same way: the gap measures what pretraining
-  contributes at each shot count. Both are evaluated on the same seeded
-  episodes (`paired`). For a scratch model *trained* on the target data, call
-  `transfer_report` with your own callables.
-
-  Args:
-    backbone: a `fewshot.backbones.Backbone`.
-    pretrained_params, model_state: its pretrained parameters and state.
-    data: a `fewshot.data.DeviceDataset` of target classes; every class
-      needs `max(shots) + num_queries` images.
-    shots: labelled target images per class.
-    num_ways, num_queries, num_episodes: the test episodes.
-    key: PRNG key of the episodes (default `key(0)`).
-    scratch_seed: seed of the random backbone.
-    print_table: print the markdown table.
-    **probe_options: for `fewshot.algorithms.linear_probe`.
-  """
-  # Imported here: this recipe sits on top of the algorithms and the
-  # evaluator, which themselves use the transfer toolkit.
-  from fewshot.algorithms.baselines import linear_probe  # pylint: disable=g-import-not-at-top
-  from fewshot.data.sampling import EpisodeSpec, check_spec  # pylint: disable=g-import-not-at-top
-  from fewshot.evaluate import episode_accuracies  # pylint: disable=g-import-not-at-top
-
-  key = jax.random.key(0) if key is None else key
-  algorithm = linear_probe(backbone, **probe_options)
-  sample_images = data.images[:2]
-  scratch_params, scratch_state = algorithm.init(jax.random.key(scratch_seed),
-                                                 sample_images)
-  pretrained_meta = {**scratch_params, 'backbone': pretrained_params}
-  class_counts = np.asarray(data.class_counts)
-
-  evaluators = {}  # size -> jitted evaluation, shared by both models
-
-  def accuracies(meta_params, state):
-    def run(size):
-      if size not in evaluators:
-        spec = EpisodeSpec(num_ways, int(size), num_queries)
-        check_spec(spec, class_counts, split='target dataset')
-        evaluators[size] = jax.jit(
-            episode_accuracies(algorithm, spec, num_episodes))
-      return np.asarray(evaluators[size](meta_params, state, data, key))
-    return run
-
-  return transfer_report(accuracies(pretrained_meta, model_state),
-                         accuracies(scratch_params, scratch_state), shots,
-                         paired=True, size_name='shots',
-                         print_table=print_table)

@@ -1,0 +1,244 @@
+"""ConfigDict -> data, backbone, objective, optimizer and evaluators.
+
+With the harness and the entry scripts, the only reader of a ConfigDict:
+everything below takes plain keyword arguments. Sections map onto
+constructors: `config.backbone` -> `backbones.create(**...)`,
+`config.algorithm` -> `ALGORITHMS[name](backbone, **...)`,
+`config.objective` -> `objectives.OBJECTIVES[name](..., **...)`,
+`config.optimizer` -> `optimizers.make_optimizer(**...)`; `config.eval`
+sets the few-shot evaluators. A config without `objective` evaluates the
+configured model as it is (e.g. a pretrained backbone with a linear probe).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from fewshot import backbones
+from fewshot import data as data_lib
+from fewshot import workdir as workdir_lib
+from fewshot._utils import check_options
+from fewshot.algorithms import ALGORITHMS
+from fewshot.algorithms.base import Algorithm
+from fewshot.backbones.loading import is_path
+from fewshot.data.batches import labelled_images
+from fewshot.data.sampling import EpisodeSpec
+from fewshot.evaluators.episodes import (FewShotLearner, feature_cache,
+                                         few_shot_evaluator)
+from fewshot.experiment import Experiment
+from fewshot.features import FEATURE_ALGORITHMS
+from fewshot.objectives import OBJECTIVES
+from fewshot.optimizers import make_optimizer
+from fewshot.reports import ReportModel
+
+def load_splits(section: ml_collections.ConfigDict,
+                needed: tuple[str, ...] = ('train', 'val', 'test')
+                ) -> dict[str, data_lib.ClassDataset]:
+  """The class splits of a `data` section (`data.load_splits` options)."""
+  options = dict(section)
+  splits = data_lib.load_splits(options.pop('name'), **options)
+  for split in needed:
+    if split not in splits:
+      raise ValueError(f'The dataset has no {split!r} split.')
+  return splits
+
+
+def build_backbone(section: ml_collections.ConfigDict, *,
+                   pretrained: bool = True) -> backbones.Backbone:
+  """The backbone of a `backbone` section, from its `weights` if `pretrained`.
+
+  `weights` is a named source ('imagenet') or the path of a workdir whose
+  backbone the run starts from (`fewshot.workdir.load_backbone`).
+  """
+  options = dict(section)
+  name, weights = options.pop('name'), options.pop('weights', None)
+  if weights and pretrained and is_path(weights):
+    input_size = options.pop('input_size', None)
+    input_channels = options.pop('input_channels', None)
+    loaded = workdir_lib.load_backbone(weights, name, **options)
+    return backbones.with_input_adapter(loaded.backbone, input_size,
+                                        input_channels)
+  return backbones.create(name, weights if pretrained else None, **options)
+
+
+def build_algorithm(section: ml_collections.ConfigDict,
+                    backbone: backbones.Backbone) -> Algorithm:
+  """An `algorithm` section (a registered name and its options) on `backbone`."""
+  options = dict(section)
+  name = options.pop('name')
+  if name not in ALGORITHMS:
+    raise ValueError(f'Unknown algorithm {name!r}; known: {sorted(ALGORITHMS)}.')
+  check_options(ALGORITHMS[name], options, f'algorithm {name!r}')
+  return ALGORITHMS[name](backbone, **options)
+
+
+def build_optimizer(config: ml_collections.ConfigDict
+                    ) -> optax.GradientTransformation:
+  options = dict(config.optimizer)
+  check_options(make_optimizer, options, 'the optimizer')
+  return make_optimizer(num_steps=config.train.num_steps, **options)
+
+
+def _episodic(config, options, splits, backbone, algorithm):
+  spec = EpisodeSpec(options['ways'], options['shots'], options['queries'])
+  data_lib.check_spec(spec, splits['train'].class_counts(),
+                      splits['train'].class_names, 'meta-train split')
+  objective = OBJECTIVES['episodic'](algorithm, **options)
+  learner = FewShotLearner(algorithm, lambda params: params)
+  return objective, data_lib.to_device(splits['train']), learner
+
+
+def _supervised(config, options, splits, backbone, algorithm):
+  train = splits['train']
+  if options.get('batch_size', 0) > len(train.images):
+    raise ValueError(f'batch_size {options["batch_size"]} exceeds the '
+                     f'{len(train.images)} training images.')
+  objective = OBJECTIVES['supervised'](backbone, num_classes=train.num_classes,
+                                       **options)
+  # The evaluating algorithm's own meta-parameters (e.g. ProtoNet's cosine
+  # scale), with the trained backbone's in place of its random ones.
+  algorithm_params = dict(algorithm.init(
+      jax.random.key(0), jnp.asarray(train.images[:2]))[0])
+  algorithm_params.pop('backbone')
+  learner = FewShotLearner(
+      algorithm,
+      lambda params: {**algorithm_params, 'backbone': params['backbone']})
+  return objective, labelled_images(train), learner
+
+
+# objective name -> (config, options, splits, backbone, algorithm)
+#   -> (objective, train data on the device, few-shot learner)
+_OBJECTIVE_BUILDERS = {
+    'episodic': _episodic,
+    'supervised': _supervised,
+}
+
+
+def _eval_spec(config, splits, names) -> EpisodeSpec:
+  spec = EpisodeSpec(config.eval.ways, config.eval.shots, config.eval.queries)
+  for split in names:
+    data_lib.check_spec(spec, splits[split].class_counts(),
+                        splits[split].class_names, f'meta-{split} split')
+  return spec
+
+
+def _feature_cache(config, backbone):
+  """`config.eval.precompute_features`: embed each split once per evaluation."""
+  if not config.eval.get('precompute_features', False):
+    return None
+  name = config.algorithm.name
+  if name not in FEATURE_ALGORITHMS:
+    raise ValueError(
+        f'eval.precompute_features needs a frozen-feature algorithm '
+        f'({", ".join(FEATURE_ALGORITHMS)}); {name!r} adapts the backbone.')
+  if config.backbone.get('norm') == 'batch':
+    raise ValueError(
+        "eval.precompute_features needs per-image features, but norm='batch' "
+        'normalises each episode with its own statistics.')
+  return feature_cache(functools.partial(build_algorithm, config.algorithm),
+                       backbone, config.eval.get('feature_batch_size', 256))
+
+
+def build(config: ml_collections.ConfigDict, *,
+          pretrained: bool = True) -> Experiment:
+  """Builds the experiment a config describes (see `Experiment`).
+
+  With `pretrained=False` a `config.backbone.weights` source is not read (a
+  run's own checkpoint supersedes the weights it started from).
+  """
+  has_objective = 'objective' in config
+  splits = load_splits(config.data, ('train', 'val', 'test') if has_objective
+                       else ('train', 'test'))
+  backbone = build_backbone(config.backbone, pretrained=pretrained)
+  algorithm = build_algorithm(config.algorithm, backbone)
+  if has_objective:
+    options = dict(config.objective)
+    name = options.pop('name')
+    if name not in _OBJECTIVE_BUILDERS:
+      raise ValueError(f'Unknown objective {name!r}; known: '
+                       f'{sorted(_OBJECTIVE_BUILDERS)}.')
+    check_options(OBJECTIVES[name], options, f'objective {name!r}')
+    optimizer = build_optimizer(config)
+    objective, train_data, learner = _OBJECTIVE_BUILDERS[name](
+        config, options, splits, backbone, algorithm)
+    initial = lambda: objective.init(jax.random.key(config.seed),
+                                     train_data)[:2]
+  else:
+    objective = optimizer = train_data = None
+    learner = FewShotLearner(algorithm, lambda params: params)
+    initial = lambda: algorithm.init(
+        jax.random.key(config.seed), jnp.asarray(splits['test'].images[:2]))
+  eval_splits = [s for s in ('val', 'test') if s in splits]
+  spec = _eval_spec(config, splits, eval_splits)
+  evaluator = functools.partial(
+      few_shot_evaluator, learner, spec=spec,
+      images_per_chunk=config.eval.images_per_chunk,
+      features=_feature_cache(config, backbone))
+  evaluators = {split: evaluator(splits[split],
+                                 num_episodes=config.eval.num_episodes,
+                                 key=jax.random.key(config.eval.seed))
+                for split in eval_splits}
+  validate = None
+  if has_objective:
+    validate = evaluator(splits['val'], num_episodes=config.eval.val_episodes,
+                         key=jax.random.key(config.eval.seed + 1))
+  info = dict(algorithm=config.algorithm.name, backbone=config.backbone.name,
+              weights=config.backbone.get('weights'),
+              norm=config.backbone.get('norm'))
+  return Experiment(objective=objective, optimizer=optimizer,
+                    train_data=train_data, learner=learner, validate=validate,
+                    evaluators=evaluators, initial=initial, seed=config.seed,
+                    info=info)
+
+
+def _report_model(section: ml_collections.ConfigDict):
+  precompute = bool(section.get('precompute_features', False))
+  if precompute and section.algorithm.name not in FEATURE_ALGORITHMS:
+    raise ValueError(f'precompute_features needs one of {FEATURE_ALGORITHMS}, '
+                     f'not {section.algorithm.name!r}.')
+  return ReportModel(
+      label=section.label, backbone=build_backbone(section.backbone),
+      make_algorithm=functools.partial(build_algorithm, section.algorithm),
+      precompute_features=precompute,
+      feature_batch_size=section.get('feature_batch_size', 256))
+
+
+def transfer_report_inputs(config: ml_collections.ConfigDict
+                           ) -> dict[str, Any]:
+  """The arguments of `fewshot.reports.negative_transfer_report`.
+
+  Config sections: `target` (a dataset: `load_splits` options plus
+  `split`), `pretrained` and `scratch` (each `label`, `backbone`,
+  `algorithm`, optional `precompute_features`, `feature_batch_size`),
+  `sizes` (shots per class), `eval` (ways, queries, num_episodes,
+  images_per_chunk, seed) and optionally `source` (a dataset standing for
+  the pretraining distribution, with `split` and `mmd_images`).
+  """
+  def split_of(section):
+    options = dict(section)
+    split = options.pop('split')
+    options.pop('mmd_images', None)
+    return load_splits(ml_collections.ConfigDict(options), (split,))[split]
+
+  inputs = dict(
+      target=split_of(config.target), pretrained=_report_model(
+          config.pretrained), scratch=_report_model(config.scratch),
+      sizes=tuple(config.sizes), ways=config.eval.ways,
+      queries=config.eval.queries, num_episodes=config.eval.num_episodes,
+      images_per_chunk=config.eval.images_per_chunk,
+      episode_seed=config.eval.seed, seed=config.seed)
+  if config.get('source') is not None:
+    inputs.update(source=split_of(config.source),
+                  mmd_images=config.source.mmd_images)
+  return inputs
+
+
+__all__ = ['build', 'build_algorithm', 'build_backbone',
+           'build_optimizer', 'load_splits', 'transfer_report_inputs']

@@ -1,0 +1,69 @@
+"""Evaluating a workdir's latest checkpoint, or a configured model as it is."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from fewshot import workdir as workdir_lib
+from fewshot.experiment import Experiment
+from fewshot.evaluators.omniglot_runs import omniglot_runs_error_rate
+from fewshot.objectives.base import init_state
+
+
+def restore(experiment: Experiment, workdir: str) -> tuple[Any, Any, int]:
+  """`(params, model_state, step)` of the latest checkpoint of `workdir`."""
+  if experiment.objective is None:
+    raise ValueError('This config has no objective section, so it cannot '
+                     f'read the training checkpoints in {workdir}; evaluate '
+                     'with the config the workdir was trained with.')
+  state = init_state(experiment.objective, experiment.optimizer,
+                     experiment.train_data, experiment.seed)
+  state = workdir_lib.restore_state(workdir, state)
+  return state.params, state.model_state, int(state.step)
+
+
+def evaluate_workdir(experiment: Experiment, workdir: str | None, *,
+                     split: str = 'test') -> dict[str, Any]:
+  """Accuracy and 95% CI of a model on the seeded episodes of `split`.
+
+  The model is the latest checkpoint of `workdir`, or with `workdir=None`
+  the configured model as built from its `backbone.weights` (a pretrained
+  backbone with a linear probe, say, or fine-tuned per episode). Every
+  model evaluated with the same `eval` settings sees the same episodes.
+
+  Returns:
+    The evaluator's summary (`accuracy`, `ci95`, `episodes`, ways, shots,
+    queries, seconds) with `split`, `step` and the experiment's `info`.
+  """
+  if split not in experiment.evaluators:
+    raise ValueError(f'No {split!r} split to evaluate; the dataset has '
+                     f'{sorted(experiment.evaluators)}.')
+  info = dict(experiment.info)
+  if workdir is None:
+    if not info.get('weights'):
+      raise ValueError('Nothing to evaluate: give a workdir with checkpoints, '
+                       'or config.backbone.weights (a pretrain workdir or a '
+                       "named source such as 'imagenet').")
+    params, model_state = experiment.initial()
+    step = 0
+  else:
+    params, model_state, step = restore(experiment, workdir)
+    info['weights'] = workdir
+  result = experiment.evaluators[split](params, model_state)
+  result.update(split=split, step=step, **info)
+  return result
+
+
+def evaluate_omniglot_runs(experiment: Experiment, workdir: str,
+                           runs: Sequence) -> dict[str, Any]:
+  """Lake's 20-way one-shot runs error rate of a workdir's checkpoint."""
+  params, model_state, step = restore(experiment, workdir)
+  learner = experiment.learner
+  result = omniglot_runs_error_rate(learner.algorithm,
+                                    learner.meta_params(params), model_state,
+                                    runs)
+  result['step'] = step
+  return result
+
+
+__all__ = ['evaluate_omniglot_runs', 'evaluate_workdir', 'restore']

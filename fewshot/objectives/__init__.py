@@ -1,0 +1,20 @@
+"""Training objectives: what a run needs from a method, one file each.
+
+`OBJECTIVES` maps a config's `objective.name` to its factory; the builder
+(`fewshot.builder`) calls it and the harness (`fewshot.harness`) runs the
+result. A new objective is a new file with a factory returning an
+`Objective`, plus its entry in the builder.
+"""
+
+from fewshot.objectives.base import (Objective, TrainState, init_state,
+                                     make_train_step)
+from fewshot.objectives.episodic import episodic
+from fewshot.objectives.supervised import supervised
+
+OBJECTIVES = {
+    'episodic': episodic,
+    'supervised': supervised,
+}
+
+__all__ = ['OBJECTIVES', 'Objective', 'TrainState', 'episodic',
+           'init_state', 'make_train_step', 'supervised']

@@ -1,0 +1,111 @@
+"""The `Objective` interface, the train state, and the one generic training step.
+
+An objective is what a training run needs from a method, as pure functions:
+
+* `init(key, data) -> (params, model_state, run_key)`: fresh parameters and
+  model state (BatchNorm statistics), and the run's key, from `key(seed)`;
+* `sample(run_key, step, data) -> batch`: the step's batch, drawn on the
+  device from the run key and the step number (usually from
+  `fold_in(run_key, step)`; an epoch sampler also needs the run key), so a
+  resumed run draws exactly the batches an uninterrupted one would. Every
+  leaf of the batch has the batch (or task) axis first: the harness shards
+  that axis over the devices;
+* `loss(params, model_state, batch, key) -> (loss, (metrics, model_state))`
+  with scalar metrics (at least `loss`); `key` is `fold_in(run_key, step)`;
+* `value_and_grad` (optional): the loss's value and gradient computed the
+  objective's own way (per-task gradients of a meta-batch, gradient
+  surgery over several tasks); by default `jax.value_and_grad(loss)`;
+* `unit`: what one element of the batch axis is ('episodes', 'images'),
+  for the throughput log.
+
+`make_train_step` turns any objective and an optax optimizer into one
+jittable step; the harness (`fewshot.harness`) runs it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding
+
+Params = Any
+ModelState = Any
+Batch = Any        # a pytree whose leaves share a leading batch axis
+DeviceData = Any   # the training data on the device (a pytree)
+Metrics = dict[str, jax.Array]
+LossOutput = tuple[jax.Array, tuple[Metrics, ModelState]]
+
+InitFn = Callable[[jax.Array, DeviceData], tuple[Params, ModelState, jax.Array]]
+SampleFn = Callable[[jax.Array, jax.Array, DeviceData], Batch]
+LossFn = Callable[[Params, ModelState, Batch, jax.Array], LossOutput]
+ValueAndGradFn = Callable[[Params, ModelState, Batch, jax.Array],
+                          tuple[LossOutput, Params]]
+
+
+class Objective(NamedTuple):
+  """A training objective as pure functions (see the module docstring)."""
+  init: InitFn
+  sample: SampleFn
+  loss: LossFn
+  value_and_grad: ValueAndGradFn | None = None
+  unit: str = 'examples'
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a run needs to continue, as arrays only (checkpointable)."""
+  step: jax.Array         # [] int32, number of completed steps
+  params: Any
+  model_state: Any        # BatchNorm running statistics, if any
+  opt_state: Any
+  rng: jax.Array          # raw key data of the run key
+
+
+def init_state(objective: Objective, optimizer: optax.GradientTransformation,
+               data: DeviceData, seed: int) -> TrainState:
+  """A fresh `TrainState` from `objective.init(key(seed), data)`."""
+  params, model_state, run_key = objective.init(jax.random.key(seed), data)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    model_state=model_state, opt_state=optimizer.init(params),
+                    rng=jax.random.key_data(run_key))
+
+
+def make_train_step(objective: Objective,
+                    optimizer: optax.GradientTransformation,
+                    batch_sharding: NamedSharding | None = None
+                    ) -> Callable[[TrainState, DeviceData],
+                                  tuple[TrainState, Metrics]]:
+  """Builds `train_step(state, data) -> (state, metrics)`; jit it once.
+
+  The step samples its batch on the device, constrains it to
+  `batch_sharding` (the batch axis split over a mesh) if given, takes the
+  gradient, applies `optimizer` and adds `grad_norm` to the metrics.
+  """
+  value_and_grad = objective.value_and_grad or jax.value_and_grad(
+      objective.loss, has_aux=True)
+
+  def train_step(state: TrainState, data: DeviceData):
+    run_key = jax.random.wrap_key_data(state.rng)
+    batch = objective.sample(run_key, state.step, data)
+    if batch_sharding is not None:
+      batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+    (_, (metrics, model_state)), grads = value_and_grad(
+        state.params, state.model_state, batch,
+        jax.random.fold_in(run_key, state.step))
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
+    return state.replace(step=state.step + 1, params=params,
+                         model_state=model_state,
+                         opt_state=opt_state), metrics
+
+  return train_step
+
+
+__all__ = ['Batch', 'DeviceData', 'InitFn', 'LossFn', 'Metrics', 'Objective',
+           'SampleFn', 'TrainState', 'ValueAndGradFn', 'init_state',
+           'make_train_step']
