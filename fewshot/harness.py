@@ -56,8 +56,9 @@ def _batch_size(experiment: Experiment, state: TrainState,
 
 
 def _log_line(step: int, split: str, result: dict[str, Any]) -> str:
-  shown = ', '.join(f'{k} {v:.4g}' for k, v in result.items()
-                    if isinstance(v, float))
+  names = sorted((k for k, v in result.items() if isinstance(v, float)),
+                 key=lambda k: (k != 'loss', k))
+  shown = ', '.join(f'{k} {result[k]:.4g}' for k in names)
   return f'step {step}: {split} {shown}'
 
 
@@ -142,15 +143,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> dict[str, Any]:
   """Trains the configured objective, resuming from `workdir`'s checkpoints.
 
-  SIGTERM or SIGINT (Ctrl-C) during training saves a checkpoint of the
-  last completed step before the process stops (see `StopSignals`; single
-  process runs only); running the same command again resumes from it.
-
-  Returns:
-    `{'step', 'val'}` (and `'test'` if `config.eval.test_at_end`): the
-    evaluators' summaries of the final state; or `{'step', 'stopped_by'}`
-    (the signal's name) if a signal stopped training and its previous
-    handler did not end the process.
+  Builds the experiment (`fewshot.builder.build`; a run that resumes does
+  not read `backbone.weights` again) and runs `train` with the config's
+  `train` settings and `eval.test_at_end`; the config is saved beside the
+  checkpoints.
   """
   if 'objective' not in config:
     raise ValueError('The config has no objective section, so there is '
@@ -158,6 +154,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                      'evaluate.py, or add objective=dict(name=...).')
   experiment = builder.build(
       config, pretrained=not workdir_lib.has_checkpoints(workdir))
+  return train(experiment, workdir, settings=config.train,
+               config_dict=config.to_dict(),
+               test_at_end=config.eval.test_at_end)
+
+
+def train(experiment: Experiment, workdir: str, *, settings: Any,
+          config_dict: dict[str, Any], test_at_end: bool = True
+          ) -> dict[str, Any]:
+  """Trains `experiment.objective`, resuming from `workdir` if it has checkpoints.
+
+  Args:
+    experiment: what to train and how to evaluate it (`fewshot.builder`).
+    workdir: checkpoints, `config.json` and `metrics.jsonl` go here.
+    settings: `num_steps`, `log_every`, `eval_every`,
+      `checkpoint_every_steps`, `checkpoint_every_secs`, `max_checkpoints`
+      (attributes, e.g. a config's `train` section).
+    config_dict: what `config.json` and each checkpoint record.
+    test_at_end: run `experiment.evaluators['test']` on the final state.
+
+  SIGTERM or SIGINT (Ctrl-C) during training saves a checkpoint of the
+  last completed step before the process stops (see `StopSignals`; single
+  process runs only); running the same command again resumes from it.
+
+  Returns:
+    `{'step', 'val'}` (and `'test'`): the evaluators' summaries of the
+    final state; or `{'step', 'stopped_by'}` (the signal's name) if a
+    signal stopped training and its previous handler did not end the
+    process.
+  """
   mesh = task_mesh()
   replicated = NamedSharding(mesh, PartitionSpec())
   state = init_state(experiment.objective, experiment.optimizer,
@@ -165,10 +190,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   batch_size = _batch_size(experiment, state, mesh.size)
 
   os.makedirs(workdir, exist_ok=True)
-  config_dict = config.to_dict()
   workdir_lib.write_config_once(workdir, config_dict)
   checkpointer = Checkpointer(workdir_lib.checkpoint_dir(workdir),
-                              max_to_keep=config.train.max_checkpoints)
+                              max_to_keep=settings.max_checkpoints)
   if checkpointer.latest_step() is not None:
     state, _ = checkpointer.restore(jax.eval_shape(lambda: state))
     logging.info('Resumed from step %d in %s.', int(state.step), workdir)
@@ -190,7 +214,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     return result
 
   state, stopped_by = run_training_loop(
-      train_step, state, train_data, settings=config.train,
+      train_step, state, train_data, settings=settings,
       checkpointer=checkpointer, config_dict=config_dict, log=log,
       validate=lambda state, step: report('val', experiment.validate, state,
                                           step),
@@ -200,7 +224,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     return {'step': step, 'stopped_by': stopped_by}
   results = {'step': step, 'val': report('val', experiment.validate, state,
                                          step)}
-  if config.eval.test_at_end:
+  if test_at_end:
     results['test'] = report('test', experiment.evaluators['test'], state,
                              step)
   checkpointer.wait()
@@ -208,4 +232,4 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   return results
 
 
-__all__ = ['run_training_loop', 'task_mesh', 'train_and_evaluate']
+__all__ = ['run_training_loop', 'task_mesh', 'train', 'train_and_evaluate']

@@ -76,31 +76,36 @@ def _mean_over_tasks(tree: Any) -> Any:
 
 def meta_batch_value_and_grad(
     algorithm: Algorithm, meta_params: MetaParams, model_state: ModelState,
-    episodes: Episode, key: jax.Array, train: bool = True,
+    episodes: Episode, key: jax.Array, train: bool = True, *,
+    per_task: bool | None = None,
 ) -> tuple[tuple[jax.Array, tuple[Metrics, Any]], MetaParams]:
   """`jax.value_and_grad(meta_batch_loss, has_aux=True)`, fast on XLA:CPU.
 
-  Same values (to float rounding) as differentiating `meta_batch_loss`. On
-  CPU the meta-gradient of each task is taken inside the vmap (`[T, ...]`
-  per parameter) and averaged over tasks by `_mean_over_tasks`; on other
-  backends (not measured there) it is `jax.value_and_grad` of
-  `meta_batch_loss`. The training step uses it.
+  Same values (to float rounding) as differentiating `meta_batch_loss`.
+  With `per_task` the meta-gradient of each task is taken inside the vmap
+  (`[T, ...]` per parameter) and averaged over tasks by
+  `_mean_over_tasks`; without it, it is `jax.value_and_grad` of
+  `meta_batch_loss`. The default (None) is per task on CPU, where it is
+  faster, and the mean loss's gradient elsewhere (not measured there).
+  The episodic objective trains with it.
 
   Returns:
     `((loss, (metrics, model_state)), grads)`, grads shaped like
     `meta_params`.
   """
-  if jax.default_backend() != 'cpu':
+  if per_task is None:
+    per_task = jax.default_backend() == 'cpu'
+  if not per_task:
     return jax.value_and_grad(
         functools.partial(meta_batch_loss, algorithm, train=train),
         has_aux=True)(meta_params, model_state, episodes, key)
   num_tasks = episodes.support_labels.shape[0]
   keys = jax.random.split(key, num_tasks)
-  per_task = jax.value_and_grad(
+  task_value_and_grad = jax.value_and_grad(
       functools.partial(episode_loss, algorithm, train=train), has_aux=True)
   (losses, (metrics, states)), grads = jax.vmap(
-      per_task, in_axes=(None, None, 0, 0))(meta_params, model_state, episodes,
-                                            keys)
+      task_value_and_grad, in_axes=(None, None, 0, 0))(
+          meta_params, model_state, episodes, keys)
   metrics = jax.tree.map(jnp.mean, metrics)
   states = jax.tree.map(lambda s: jnp.mean(s, axis=0), states)
   return (jnp.mean(losses), (metrics, states)), _mean_over_tasks(grads)

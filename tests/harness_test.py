@@ -1,40 +1,40 @@
-"""The trainer end to end: training, resuming, compiling once, clear errors."""
+"""The harness end to end: training, resuming, compiling once, clear errors.
 
-import importlib.util
+The episodic objective (`configs/protonet_synthetic.py`) drives these tests;
+`supervised_test.py` runs the same harness on the supervised objective and
+`objectives_test.py` on an objective defined in the test itself.
+"""
+
 import json
 import os
-import pathlib
 import signal
 import subprocess
 import sys
-import threading
 
 import chex
 import jax
 import numpy as np
 import pytest
 
-from fewshot import train
+from fewshot import builder
+from fewshot import harness
+from fewshot import workdir as workdir_lib
 from fewshot.checkpoint import Checkpointer
 from fewshot.data import sampling
+from fewshot.evaluators import episode_accuracies
+from fewshot.evaluators import workdir as evaluation
+from fewshot.objectives import init_state, make_train_step
+from fewshot.stats import summarize
+from helpers import REPO, load_config
 from omniglot_runs_test import make_runs
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _load_config(name, arg=None):
-  spec = importlib.util.spec_from_file_location(name, REPO / 'configs' / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 def _tiny_config(steps=4):
-  config = _load_config('protonet_synthetic', f'steps={steps}')
+  config = load_config('protonet_synthetic', f'steps={steps}')
   config.data.num_classes = (12, 5, 5)
   config.data.images_per_class = 8
-  config.train.ways = 5
-  config.train.queries = 2
+  config.objective.ways = 5
+  config.objective.queries = 2
   config.train.log_every = 2
   config.train.eval_every = 2
   config.train.checkpoint_every_steps = 2
@@ -47,20 +47,42 @@ def _tiny_config(steps=4):
 
 
 def _final_params(config, workdir):
-  _, params, model_state, *_ = train.restore_workdir(config, workdir)
+  params, model_state, _ = evaluation.restore(
+      builder.build(config, pretrained=False), workdir)
   return params, model_state
 
 
 def test_two_steps_end_to_end(tmp_path):
   config = _tiny_config(steps=2)
-  results = train.train_and_evaluate(config, str(tmp_path))
+  results = harness.train_and_evaluate(config, str(tmp_path))
   assert results['step'] == 2
-  assert 0.0 <= results['test']['accuracy'] <= 1.0
+  # The reported test figure is the seeded episodes' accuracy of the saved
+  # parameters, computed here independently of the harness.
+  experiment = builder.build(config)
+  params, model_state, step = evaluation.restore(experiment, str(tmp_path))
+  assert step == 2
+  spec = sampling.EpisodeSpec(config.eval.ways, config.eval.shots,
+                              config.eval.queries)
+  accuracies = jax.jit(episode_accuracies(
+      experiment.learner.algorithm, spec, config.eval.num_episodes))(
+          params, model_state,
+          sampling.to_device(builder.load_splits(config.data)['test']),
+          jax.random.key(config.eval.seed))
+  expected = summarize(np.asarray(accuracies))
   assert results['test']['episodes'] == 10
+  np.testing.assert_allclose(results['test']['accuracy'],
+                             expected['accuracy'], rtol=1e-6)
+  np.testing.assert_allclose(results['test']['ci95'], expected['ci95'],
+                             rtol=1e-6)
+  # metrics.jsonl holds both steps' training losses, as one log line per
+  # `log_every` steps, and the test figure; config.json the config.
   records = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
-  assert any('train_loss' in r and np.isfinite(r['train_loss'])
-             for r in records)
-  assert any(r.get('episodes_per_second', 0) > 0 for r in records)
+  train_records = [r for r in records if 'train_loss' in r]
+  assert [r['step'] for r in train_records] == [2]
+  assert np.isfinite(train_records[0]['train_loss'])
+  assert train_records[0]['episodes_per_second'] > 0
+  assert [r['test_accuracy'] for r in records if 'test_accuracy' in r] == [
+      results['test']['accuracy']]
   assert json.load(open(tmp_path / 'config.json'))['train']['num_steps'] == 2
 
 
@@ -71,7 +93,7 @@ def _resume_and_compare(config, tmp_path, name, stopped_at):
   checkpointer = Checkpointer(workdir / 'checkpoints')
   assert checkpointer.latest_step() == stopped_at
   checkpointer.close()
-  results = train.train_and_evaluate(config, str(workdir))
+  results = harness.train_and_evaluate(config, str(workdir))
   assert results['step'] == config.train.num_steps
   straight = _final_params(config, str(tmp_path / 'straight'))
   resumed = _final_params(config, str(workdir))
@@ -82,7 +104,7 @@ def _resume_and_compare(config, tmp_path, name, stopped_at):
 def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path,
                                                          monkeypatch):
   config = _tiny_config(steps=4)
-  train.train_and_evaluate(config, str(tmp_path / 'straight'))
+  harness.train_and_evaluate(config, str(tmp_path / 'straight'))
 
   original_save = Checkpointer.save
 
@@ -94,13 +116,14 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path,
 
   monkeypatch.setattr(Checkpointer, 'save', save_then_die)
   with pytest.raises(KeyboardInterrupt):
-    train.train_and_evaluate(config, str(tmp_path / 'killed'))
+    harness.train_and_evaluate(config, str(tmp_path / 'killed'))
   monkeypatch.setattr(Checkpointer, 'save', original_save)
   # Nothing written before the kill is lost.
   straight = _resume_and_compare(config, tmp_path, 'killed', stopped_at=2)
   # And training did move the parameters.
-  fresh = train.init_state(*train.build(config)[1:3],
-                           np.zeros((2, 28, 28, 1), np.uint8), config.seed)
+  experiment = builder.build(config)
+  fresh = init_state(experiment.objective, experiment.optimizer,
+                     experiment.train_data, config.seed)
   assert not np.array_equal(fresh.params['backbone']['conv0']['kernel'],
                             straight[0]['backbone']['conv0']['kernel'])
 
@@ -115,9 +138,9 @@ def test_sigterm_checkpoints_the_current_step_and_resumes(tmp_path,
   # trainer must save step 3, then stop by the previous handler.
   config = _tiny_config(steps=4)
   config.train.log_every = 1
-  train.train_and_evaluate(config, str(tmp_path / 'straight'))
+  harness.train_and_evaluate(config, str(tmp_path / 'straight'))
 
-  original_write = train.MetricsLog.write
+  original_write = workdir_lib.MetricsLog.write
 
   def write_then_signal(self, step, **values):
     original_write(self, step, **values)
@@ -127,128 +150,87 @@ def test_sigterm_checkpoints_the_current_step_and_resumes(tmp_path,
   def raise_terminated(signum, frame):
     raise _Terminated(signum)
 
-  monkeypatch.setattr(train.MetricsLog, 'write', write_then_signal)
+  monkeypatch.setattr(workdir_lib.MetricsLog, 'write', write_then_signal)
   previous = signal.signal(signal.SIGTERM, raise_terminated)
   try:
     with pytest.raises(_Terminated):
-      train.train_and_evaluate(config, str(tmp_path / 'stopped'))
+      harness.train_and_evaluate(config, str(tmp_path / 'stopped'))
     # The trainer put the test's handler back.
     assert signal.getsignal(signal.SIGTERM) is raise_terminated
   finally:
     signal.signal(signal.SIGTERM, previous)
-  monkeypatch.setattr(train.MetricsLog, 'write', original_write)
+  monkeypatch.setattr(workdir_lib.MetricsLog, 'write', original_write)
   _resume_and_compare(config, tmp_path, 'stopped', stopped_at=3)
-
-
-def test_stop_signals_leave_ignored_signals_and_other_threads_alone():
-  previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-  try:
-    with train.StopSignals() as stop:
-      assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-      assert signal.getsignal(signal.SIGTERM) == stop._record  # pylint: disable=protected-access
-    assert stop.received is None
-    seen = {}
-
-    def in_thread():
-      with train.StopSignals():
-        seen['handler'] = signal.getsignal(signal.SIGTERM)
-
-    thread = threading.Thread(target=in_thread)
-    thread.start()
-    thread.join()
-    assert seen['handler'] is signal.getsignal(signal.SIGTERM)
-    with train.StopSignals(enabled=False):
-      assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-  finally:
-    signal.signal(signal.SIGINT, previous)
 
 
 def test_train_step_compiles_once():
   config = _tiny_config()
-  splits, algorithm, optimizer, spec, _ = train.build(config)
-  state = train.init_state(algorithm, optimizer, splits['train'].images[:2], 0)
-  step_fn = train.make_train_step(algorithm, optimizer, spec, 2)
+  experiment = builder.build(config)
+  state = init_state(experiment.objective, experiment.optimizer,
+                     experiment.train_data, 0)
+  step_fn = make_train_step(experiment.objective, experiment.optimizer)
   step_fn = jax.jit(chex.assert_max_traces(step_fn, n=1), donate_argnums=0)
-  data = sampling.to_device(splits['train'])
   losses = []
   for _ in range(3):
-    state, metrics = step_fn(state, data)
+    state, metrics = step_fn(state, experiment.train_data)
     losses.append(float(metrics['loss']))
   assert int(state.step) == 3 and np.isfinite(losses).all()
 
 
-def test_augmented_episodes_are_shifted_copies():
+def test_objective_rejects_unknown_augmentation():
   config = _tiny_config()
-  splits = train.build(config)[0]
-  data = sampling.to_device(splits['train'])
-  episodes = sampling.sample_meta_batch(
-      jax.random.key(0), data, sampling.EpisodeSpec(5, 2, 2), 2)
-  key = jax.random.key(1)
-  augmented = train.augment_episodes(key, episodes, crop_padding=2,
-                                     pad_mode='edge')
-  np.testing.assert_array_equal(augmented.support_labels,
-                                episodes.support_labels)
-  again = train.augment_episodes(key, episodes, crop_padding=2,
-                                 pad_mode='edge')
-  np.testing.assert_array_equal(again.query_images, augmented.query_images)
-  shifted = 0
-  for before, after in [(episodes.support_images, augmented.support_images),
-                        (episodes.query_images, augmented.query_images)]:
-    before = np.asarray(before).reshape((-1,) + before.shape[-3:])
-    after = np.asarray(after).reshape(before.shape)
-    height, width = before.shape[1:3]
-    for original, image in zip(before, after):
-      padded = np.pad(original, ((2, 2), (2, 2), (0, 0)), mode='edge')
-      offsets = [(dy, dx) for dy in range(5) for dx in range(5)
-                 if np.array_equal(padded[dy:dy + height, dx:dx + width],
-                                   image)]
-      assert offsets, 'an augmented image is not a shifted copy'
-      shifted += (2, 2) not in offsets
-  assert shifted > 0  # not the identity
-
-
-def test_train_step_rejects_unknown_augmentation():
-  config = _tiny_config()
-  splits, algorithm, optimizer, spec, _ = train.build(config)
+  config.objective.augment = dict(rotate=10)
   with pytest.raises(ValueError, match="Unknown option.*'rotate'"):
-    train.make_train_step(algorithm, optimizer, spec, 2,
-                          augment=dict(rotate=10))
+    builder.build(config)
 
 
 def test_checkpoint_of_another_architecture_is_a_clear_error(tmp_path):
   config = _tiny_config(steps=2)
-  train.train_and_evaluate(config, str(tmp_path))
+  harness.train_and_evaluate(config, str(tmp_path))
   config.backbone.filters = 4
   with pytest.raises(ValueError, match='another architecture.*has shape'):
-    train.evaluate_workdir(config, str(tmp_path))
+    evaluation.evaluate_workdir(builder.build(config, pretrained=False),
+                                  str(tmp_path))
   config.backbone.filters = 8
   config.backbone.norm = 'batch'  # no running statistics in this mode
   with pytest.raises(ValueError, match='another architecture'):
-    train.evaluate_workdir(config, str(tmp_path))
+    evaluation.evaluate_workdir(builder.build(config, pretrained=False),
+                                  str(tmp_path))
 
 
 @pytest.mark.parametrize('section,key', [('algorithm', 'temperature'),
                                          ('backbone', 'width'),
                                          ('optimizer', 'beta'),
+                                         ('objective', 'tasks'),
                                          ('data', 'colour')])
 def test_unknown_config_option_is_a_clear_error(section, key):
   config = _tiny_config()
   config[section][key] = 1
   with pytest.raises(ValueError, match=f"Unknown option.*'{key}'"):
-    train.build(config)
+    builder.build(config)
+
+
+def test_unknown_objective_and_missing_objective_are_clear_errors(tmp_path):
+  config = _tiny_config()
+  config.objective.name = 'reinforce'
+  with pytest.raises(ValueError, match="Unknown objective 'reinforce'"):
+    builder.build(config)
+  del config['objective']
+  with pytest.raises(ValueError, match='no objective section'):
+    harness.train_and_evaluate(config, str(tmp_path))
 
 
 def test_impossible_episodes_are_named(tmp_path):
   config = _tiny_config()
   config.eval.ways = 20
   with pytest.raises(ValueError, match='20-way.*meta-val split has only 5'):
-    train.train_and_evaluate(config, str(tmp_path))
+    harness.train_and_evaluate(config, str(tmp_path))
   assert not (tmp_path / 'checkpoints').exists()
 
 
 def test_evaluate_without_checkpoints_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match='No checkpoints'):
-    train.evaluate_workdir(_tiny_config(), str(tmp_path))
+    evaluation.evaluate_workdir(builder.build(_tiny_config()), str(tmp_path))
 
 
 def test_experiment_scripts_end_to_end(tmp_path):
@@ -276,30 +258,3 @@ def test_experiment_scripts_end_to_end(tmp_path):
       [sys.executable, str(REPO / 'experiments' / 'evaluate.py'), *common,
        '--config.train.no_such_key=1'], env=env, capture_output=True, text=True)
   assert bad.returncode != 0 and 'no_such_key' in bad.stderr
-
-
-def test_cosine_after_decay_start_continues_a_constant_run():
-  """The schedules share one optimizer state, and `decay_start` holds the
-  rate until then: a constant-rate state continues under the cosine."""
-  params = {'w': np.ones(3, np.float32)}
-  constant = train.make_optimizer(learning_rate=0.1, num_steps=10)
-  cosine = train.make_optimizer(learning_rate=0.1, schedule='cosine',
-                                num_steps=10, decay_start=6)
-  grads = {'w': np.array([1.0, -2.0, 0.5], np.float32)}
-  state_c, state_d = constant.init(params), cosine.init(params)
-  chex.assert_trees_all_equal_structs(state_c, state_d)
-  updates = []
-  for step in range(10):
-    update_c, state_c = constant.update(grads, state_c, params)
-    update_d, state_d = cosine.update(grads, state_d, params)
-    updates.append((update_c['w'], update_d['w']))
-  for step, (update_c, update_d) in enumerate(updates):
-    # Constant to step 6, then 0.1 * (1 + cos(pi * (step - 6) / 4)) / 2,
-    # i.e. the constant run's Adam update scaled by the cosine factor.
-    factor = 1.0 if step <= 6 else 0.5 * (1 + np.cos(np.pi * (step - 6) / 4))
-    np.testing.assert_allclose(update_d, factor * update_c, rtol=1e-6)
-  assert float(np.abs(updates[9][1]).max()) < 0.2 * 0.1
-  with pytest.raises(ValueError, match='decay_start'):
-    train.make_optimizer(schedule='cosine', num_steps=10, decay_start=10)
-  with pytest.raises(ValueError, match='cosine schedule only'):
-    train.make_optimizer(schedule='constant', num_steps=10, decay_start=5)
