@@ -14,7 +14,7 @@ from fewshot.backbones.base import Backbone
 from fewshot.data import sampling
 from fewshot.data.synthetic import synthetic_splits
 from fewshot.episodes import Episode
-from fewshot.evaluate import episode_accuracies
+from fewshot.evaluators import episode_accuracies
 from fewshot.losses import episode_loss, query_logits
 
 

@@ -1,29 +1,18 @@
 """Feature extraction, input adapters, and evaluating a pretrained backbone."""
 
-import importlib.util
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from fewshot import backbones
+from fewshot import builder
 from fewshot import features
-from fewshot import pretrain
-from fewshot import train
+from fewshot import harness
 from fewshot.data import sampling
 from fewshot.data.synthetic import synthetic_splits
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _load_config(name, arg=None):
-  spec = importlib.util.spec_from_file_location(name,
-                                                REPO / 'configs' / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+from fewshot.evaluators import workdir as evaluation
+from helpers import load_config
 
 
 def test_adapt_images_resizes_and_repeats_channels():
@@ -76,16 +65,18 @@ def test_extract_features_equals_one_big_batch():
 @pytest.fixture(scope='module')
 def pretrained_workdir(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('pretrained')
-  config = _load_config('pretrain_synthetic', 'steps=2')
+  config = load_config('pretrain_synthetic', 'steps=2')
   config.train.eval_every = 100
   config.eval.test_at_end = False
   config.eval.val_episodes = 2
-  pretrain.pretrain_and_evaluate(config, str(workdir))
+  harness.train_and_evaluate(config, str(workdir))
   return config, str(workdir)
 
 
 def _evaluation_config(pretrain_config, workdir, algorithm, precompute):
-  config = _load_config('pretrain_synthetic')
+  config = load_config('pretrain_synthetic')
+  for section in ('objective', 'optimizer', 'train'):  # evaluation only
+    del config[section]
   config.backbone = dict(name='resnet12', weights=workdir)
   config.algorithm = algorithm
   config.eval = dict(ways=3, shots=2, queries=3, num_episodes=12,
@@ -95,6 +86,10 @@ def _evaluation_config(pretrain_config, workdir, algorithm, precompute):
   return config
 
 
+def _evaluate(config):
+  return evaluation.evaluate_workdir(builder.build(config), None)
+
+
 @pytest.mark.parametrize('algorithm', [
     dict(name='protonet', distance='sqeuclidean'),
     dict(name='linear_probe', solver='ridge'),
@@ -102,9 +97,9 @@ def _evaluation_config(pretrain_config, workdir, algorithm, precompute):
 def test_precomputed_features_give_the_same_accuracies(pretrained_workdir,
                                                        algorithm):
   pretrain_config, workdir = pretrained_workdir
-  results = [train.evaluate_workdir(
-      _evaluation_config(pretrain_config, workdir, algorithm, precompute),
-      None) for precompute in (False, True)]
+  results = [_evaluate(
+      _evaluation_config(pretrain_config, workdir, algorithm, precompute))
+             for precompute in (False, True)]
   assert results[1]['precomputed_features']
   assert results[0]['episodes'] == results[1]['episodes'] == 12
   assert abs(results[0]['accuracy'] - results[1]['accuracy']) < 1e-6
@@ -116,12 +111,12 @@ def test_evaluation_without_a_model_is_a_clear_error(pretrained_workdir):
   config = _evaluation_config(pretrain_config, workdir,
                               dict(name='fine_tune', steps=1), True)
   with pytest.raises(ValueError, match='frozen-feature algorithm'):
-    train.evaluate_workdir(config, None)
+    _evaluate(config)
   config = _evaluation_config(pretrain_config, workdir,
                               dict(name='protonet'), False)
   config.backbone = dict(name='resnet12')
   with pytest.raises(ValueError, match='Nothing to evaluate'):
-    train.evaluate_workdir(config, None)
+    _evaluate(config)
 
 
 def test_precompute_keeps_the_class_index():

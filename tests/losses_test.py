@@ -1,7 +1,6 @@
-"""The generic loss, its meta-batch version and the confidence interval."""
+"""The generic loss, its meta-batch version and both of its gradient paths."""
 
-import math
-import statistics
+import functools
 
 import chex
 import jax
@@ -12,15 +11,6 @@ from fewshot import backbones, losses
 from fewshot.algorithms import maml, protonet
 from fewshot.data import sampling
 from fewshot.data.synthetic import synthetic_splits
-
-
-def test_confidence_interval_formula():
-  values = [0.5, 0.75, 1.0, 0.25, 0.6]
-  mean, ci = losses.mean_confidence_interval(values)
-  assert mean == pytest.approx(sum(values) / 5)
-  assert ci == pytest.approx(1.96 * statistics.stdev(values) / math.sqrt(5))
-  with pytest.raises(ValueError, match='at least two'):
-    losses.mean_confidence_interval([1.0])
 
 
 def test_meta_batch_loss_is_the_mean_of_episode_losses():
@@ -47,10 +37,12 @@ def test_meta_batch_loss_is_the_mean_of_episode_losses():
   assert any(np.abs(g).max() > 0 for g in jax.tree.leaves(grads))
 
 
-def test_meta_batch_value_and_grad_equals_grad_of_meta_batch_loss():
+@pytest.mark.parametrize('per_task', [True, False, None])
+def test_meta_batch_value_and_grad_equals_grad_of_meta_batch_loss(per_task):
   # MAML (second order) with running BatchNorm statistics, an odd number of
-  # tasks: the per-task meta-gradients averaged by a dot must equal
-  # jax.grad of the averaged loss, and the new states must agree.
+  # tasks: the per-task meta-gradients averaged by a dot (per_task=True),
+  # the mean loss's gradient (False) and the backend's default (None) must
+  # each equal jax.grad of the averaged loss, and the new states agree.
   splits = synthetic_splits(num_classes=(10, 2, 2), images_per_class=5)
   data = sampling.to_device(splits['train'])
   spec = sampling.EpisodeSpec(3, 1, 2)
@@ -59,9 +51,9 @@ def test_meta_batch_value_and_grad_equals_grad_of_meta_batch_loss():
                    num_ways=3, inner_steps=2, inner_learning_rate=0.3)
   params, state = algorithm.init(jax.random.key(1), episodes.support_images[0])
   key = jax.random.key(5)
-  (loss, (metrics, new_state)), grads = jax.jit(
-      losses.meta_batch_value_and_grad, static_argnums=0)(
-          algorithm, params, state, episodes, key)
+  (loss, (metrics, new_state)), grads = jax.jit(functools.partial(
+      losses.meta_batch_value_and_grad, algorithm, per_task=per_task))(
+          params, state, episodes, key)
   (ref_loss, (ref_metrics, ref_state)), ref_grads = jax.jit(
       jax.value_and_grad(
           lambda p: losses.meta_batch_loss(algorithm, p, state, episodes, key),

@@ -8,10 +8,9 @@ import pytest
 
 from fewshot import backbones
 from fewshot.algorithms import protonet
-from fewshot.algorithms.protonet import (cosine_similarities, prototypes,
-                                         squared_distances)
 from fewshot.data import sampling
 from fewshot.data.synthetic import synthetic_splits
+from fewshot.heads import cosine_similarities, prototypes, squared_distances
 from fewshot.losses import query_logits
 
 

@@ -20,8 +20,8 @@ import jax, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 sys.path.insert(0, {repo!r})
 from configs import protonet_synthetic
-from fewshot import data as data_lib
-from fewshot import train
+from fewshot import builder, harness
+from fewshot.objectives import init_state, make_train_step
 out, devices = sys.argv[1], int(sys.argv[2])
 assert jax.device_count() == devices, jax.devices()
 ALGORITHMS = dict(
@@ -38,16 +38,17 @@ for name, (algorithm_config, norm) in ALGORITHMS.items():
   # SGD keeps float-level differences float-level (Adam's normalisation
   # turns noise in near-zero gradients into full-size steps).
   config.optimizer = dict(name='sgd', learning_rate=0.05)
-  config.train.ways = 5
-  config.train.meta_batch_size = 4
-  splits, algorithm, optimizer, train_spec, _ = train.build(config)
-  mesh = train.task_mesh()
+  config.objective.ways = 5
+  config.objective.meta_batch_size = 4
+  experiment = builder.build(config)
+  mesh = harness.task_mesh()
   replicated = NamedSharding(mesh, PartitionSpec())
-  state = train.init_state(algorithm, optimizer, splits['train'].images[:2], 0)
+  state = init_state(experiment.objective, experiment.optimizer,
+                     experiment.train_data, 0)
   state = jax.device_put(state, replicated)
-  data = jax.device_put(data_lib.to_device(splits['train']), replicated)
-  step = jax.jit(train.make_train_step(
-      algorithm, optimizer, train_spec, 4,
+  data = jax.device_put(experiment.train_data, replicated)
+  step = jax.jit(make_train_step(
+      experiment.objective, experiment.optimizer,
       NamedSharding(mesh, PartitionSpec('data'))))
   losses = []
   for _ in range(3):
@@ -58,9 +59,9 @@ for name, (algorithm_config, norm) in ALGORITHMS.items():
            *[np.asarray(x) for x in leaves])
   report[name] = losses
 if devices > 1:
-  config.train.meta_batch_size = devices - 1
+  config.objective.meta_batch_size = devices - 1
   try:
-    train.train_and_evaluate(config, os.path.join(out, 'bad'))
+    harness.train_and_evaluate(config, os.path.join(out, 'bad'))
   except ValueError as error:
     report['error'] = str(error)
 with open(os.path.join(out, f'report-{{devices}}.json'), 'w') as f:

@@ -1,4 +1,4 @@
-"""Transfer toolkit: masks, layer rates, unfreezing, L2-SP, MMD, reports."""
+"""Transfer toolkit: masks, layer rates, unfreezing, L2-SP, MMD, transfer tables."""
 
 import functools
 
@@ -274,23 +274,6 @@ def test_transfer_report_flags_negative_transfer():
   tie = transfer.transfer_report(lambda s: [0.5, 0.6], lambda s: [0.5, 0.6],
                                  (1,), paired=True)
   assert tie.rows[0]['verdict'] == 'inconclusive'
-
-
-def test_linear_probe_transfer_report_runs_on_a_tiny_dataset():
-  data = sampling.to_device(synthetic_splits(
-      num_classes=(1, 1, 4), images_per_class=5, image_size=16)['test'])
-  backbone = backbones.create('conv4', filters=8, num_blocks=1)
-  params, state = backbone.init(jax.random.key(5), data.images[:2])
-  report = transfer.linear_probe_transfer_report(
-      backbone, params, state, data, shots=(2,), num_ways=3, num_queries=2,
-      num_episodes=4)
-  assert [row['size'] for row in report.rows] == [2]
-  for row in report.rows:
-    assert 0.0 <= row['pretrained'] <= 1.0 and 0.0 <= row['scratch'] <= 1.0
-  with pytest.raises(ValueError, match='images per class'):
-    transfer.linear_probe_transfer_report(backbone, params, state, data,
-                                          shots=(4,), num_ways=3,
-                                          num_queries=2, num_episodes=2)
 
 
 def test_fit_in_stages_equals_one_scan_and_skips_frozen_gradients():

@@ -7,7 +7,7 @@ from fewshot import backbones
 from fewshot.algorithms import protonet
 from fewshot.data import omniglot, sampling
 from fewshot.data.synthetic import synthetic_splits
-from fewshot.evaluate import episode_accuracies, omniglot_runs_error_rate
+from fewshot.evaluators import episode_accuracies, omniglot_runs_error_rate
 from fewshot.losses import query_logits
 from omniglot_runs_test import make_runs
 
