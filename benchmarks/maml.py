@@ -3,7 +3,8 @@
 5-way 1-shot 15-query episodes of 28x28x1 synthetic images, meta-batch 32,
 Conv-4 with transductive BatchNorm (`norm='batch'`) and a linear head, inner
 SGD at 0.4, outer Adam 1e-3: the library's own training step
-(`fewshot.train.make_train_step` around `fewshot.algorithms.maml`), episodes
+(`fewshot.objectives.make_train_step` of the episodic objective around
+`fewshot.algorithms.maml`), episodes
 sampled on the device, jitted with the state donated.
 
 Settings are named `<order>[_remat][_map][inner steps]`:
@@ -63,17 +64,17 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from fewshot import backbones
-from fewshot import data as data_lib
 from fewshot.algorithms import maml
 from fewshot.algorithms.base import Algorithm
 from fewshot.data import sampling
 from fewshot.data.synthetic import synthetic_splits
 from fewshot.losses import episode_loss
 from fewshot.ops import tune_malloc
-from fewshot.train import init_state, make_optimizer, make_train_step
+from fewshot.objectives import (Objective, episodic, init_state,
+                                make_train_step)
+from fewshot.optimizers import make_optimizer
 
 WAYS, SHOTS, QUERIES = 5, 1, 15
 META_BATCH = 32
@@ -159,27 +160,18 @@ def lax_map_meta_batch_loss(algorithm: Algorithm, meta_params, model_state,
   return jnp.mean(losses), (metrics, states)
 
 
-def make_lax_map_train_step(algorithm: Algorithm,
-                            optimizer: optax.GradientTransformation,
-                            spec: sampling.EpisodeSpec, meta_batch_size: int):
-  """`fewshot.train.make_train_step` with the lax.map meta-batch loss."""
+def lax_map_objective(algorithm: Algorithm, spec: sampling.EpisodeSpec,
+                      meta_batch_size: int) -> Objective:
+  """The episodic objective with the lax.map meta-batch loss."""
+  objective = episodic(algorithm, ways=spec.num_ways, shots=spec.num_shots,
+                       queries=spec.num_queries,
+                       meta_batch_size=meta_batch_size)
 
-  def train_step(state, data):
-    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    sample_key, algorithm_key = jax.random.split(key)
-    episodes = data_lib.sample_meta_batch(sample_key, data, spec,
-                                          meta_batch_size)
-    loss_fn = functools.partial(lax_map_meta_batch_loss, algorithm, train=True)
-    (_, (metrics, model_state)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state.params, state.model_state, episodes,
-                               algorithm_key)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics['grad_norm'] = optax.tree.norm(grads)
-    return state.replace(step=state.step + 1, params=params,
-                         model_state=model_state, opt_state=opt_state), metrics
+  def loss(params, model_state, episodes, key):
+    return lax_map_meta_batch_loss(algorithm, params, model_state, episodes,
+                                   jax.random.split(key)[1])
 
-  return train_step
+  return objective._replace(loss=loss, value_and_grad=None)
 
 
 def run_setting(setting: str, args: argparse.Namespace,
@@ -196,11 +188,13 @@ def run_setting(setting: str, args: argparse.Namespace,
                    remat=fields['remat'])
   optimizer = make_optimizer(name='adam', learning_rate=1e-3)
   spec = sampling.EpisodeSpec(WAYS, SHOTS, QUERIES)
-  make_step = (make_lax_map_train_step if fields['task_batching'] == 'lax.map'
-               else make_train_step)
-  step = jax.jit(make_step(algorithm, optimizer, spec, META_BATCH),
-                 donate_argnums=0)
-  state = init_state(algorithm, optimizer, splits['train'].images[:2], 0)
+  if fields['task_batching'] == 'lax.map':
+    objective = lax_map_objective(algorithm, spec, META_BATCH)
+  else:
+    objective = episodic(algorithm, ways=WAYS, shots=SHOTS, queries=QUERIES,
+                         meta_batch_size=META_BATCH)
+  step = jax.jit(make_train_step(objective, optimizer), donate_argnums=0)
+  state = init_state(objective, optimizer, train_data, 0)
   jax.block_until_ready((state, train_data))
 
   baseline_mb = peak_rss_mb()

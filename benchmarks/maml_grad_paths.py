@@ -3,6 +3,7 @@
   per_task  `fewshot.losses.meta_batch_value_and_grad` (CPU path: per-task
             gradients inside the vmap, averaged over tasks with a dot)
   mean      `jax.value_and_grad` of `fewshot.losses.meta_batch_loss`
+            (`per_task=False`, the path of other backends)
 
 Both steps (second-order MAML, Conv-4, one inner step of 0.4, meta-batch 32,
 5-way 1-shot, random 28x28 images) are compiled in one process and timed
@@ -23,19 +24,20 @@ import jax
 import numpy as np
 
 from fewshot import backbones, losses
-from fewshot import train as train_lib
 from fewshot.algorithms import maml
 from fewshot.data import sampling
 from fewshot.data.synthetic import synthetic_splits
 from fewshot.ops import tune_malloc
-from fewshot.train import init_state, make_optimizer, make_train_step
+from fewshot.objectives import episodic, init_state, make_train_step
+from fewshot.optimizers import make_optimizer
 
 
-def _mean_loss_value_and_grad(algorithm, meta_params, model_state, episodes,
-                              key, train=True):
-  return jax.value_and_grad(
-      functools.partial(losses.meta_batch_loss, algorithm, train=train),
-      has_aux=True)(meta_params, model_state, episodes, key)
+def _value_and_grad(algorithm, meta_params, model_state, episodes, key, *,
+                    per_task):
+  """The episodic objective's gradient with the path chosen explicitly."""
+  return losses.meta_batch_value_and_grad(
+      algorithm, meta_params, model_state, episodes, jax.random.split(key)[1],
+      per_task=per_task)
 
 
 def main() -> None:
@@ -50,18 +52,16 @@ def main() -> None:
   algorithm = maml(backbones.create('conv4', norm='batch'), num_ways=5,
                    inner_steps=1, inner_learning_rate=0.4)
   optimizer = make_optimizer(name='adam', learning_rate=1e-3)
-  spec = sampling.EpisodeSpec(5, 1, args.queries)
-  state = init_state(algorithm, optimizer, splits['train'].images[:2], 0)
-  step = jax.jit(make_train_step(algorithm, optimizer, spec, 32))
-  steps = {'per_task': step.lower(state, data).compile()}
-  # The step looks the function up when traced: swap it in for compiling.
-  original = train_lib.meta_batch_value_and_grad
-  train_lib.meta_batch_value_and_grad = _mean_loss_value_and_grad
-  try:
-    step = jax.jit(make_train_step(algorithm, optimizer, spec, 32))
-    steps['mean'] = step.lower(state, data).compile()
-  finally:
-    train_lib.meta_batch_value_and_grad = original
+  objective = episodic(algorithm, ways=5, shots=1, queries=args.queries,
+                       meta_batch_size=32)
+  state = init_state(objective, optimizer, data, 0)
+  steps = {}
+  for name, per_task in (('per_task', True), ('mean', False)):
+    value_and_grad = functools.partial(_value_and_grad, algorithm,
+                                       per_task=per_task)
+    step = jax.jit(make_train_step(
+        objective._replace(value_and_grad=value_and_grad), optimizer))
+    steps[name] = step.lower(state, data).compile()
   if steps['per_task'].as_text() == steps['mean'].as_text():
     raise RuntimeError('both paths compiled to the same program')
   for compiled in steps.values():  # warm up

@@ -26,9 +26,10 @@ from fewshot import backbones
 from fewshot.algorithms import protonet
 from fewshot.data import sampling
 from fewshot.data.synthetic import synthetic_splits
-from fewshot.evaluate import episode_accuracies
+from fewshot.evaluators import episode_accuracies
+from fewshot.objectives import episodic, init_state, make_train_step
 from fewshot.ops import tune_malloc
-from fewshot.train import init_state, make_optimizer, make_train_step
+from fewshot.optimizers import make_optimizer
 
 TRAIN_SETTINGS = ((5, 1, 15), (20, 1, 15), (60, 5, 5))
 
@@ -76,10 +77,9 @@ def main() -> None:
   emit('peak_matmul_fp32', peak / 1e9, 'GFLOP/s', **machine)
   jax_rates = {}
   for ways, shots, queries in TRAIN_SETTINGS:
-    spec = sampling.EpisodeSpec(ways, shots, queries)
-    state = init_state(algorithm, optimizer, splits['train'].images[:2], 0)
-    step = jax.jit(make_train_step(algorithm, optimizer, spec, 1),
-                   donate_argnums=0)
+    objective = episodic(algorithm, ways=ways, shots=shots, queries=queries)
+    state = init_state(objective, optimizer, train_data, 0)
+    step = jax.jit(make_train_step(objective, optimizer), donate_argnums=0)
     flops = step.lower(state, train_data).compile().cost_analysis()
     flops = (flops[0] if isinstance(flops, list) else flops).get('flops', 0.)
     for _ in range(3):  # compile and warm up

@@ -27,7 +27,7 @@ from fewshot import features
 from fewshot.algorithms import linear_probe, protonet
 from fewshot.data import sampling
 from fewshot.data.synthetic import synthetic_splits
-from fewshot.evaluate import episode_accuracies
+from fewshot.evaluators import episode_accuracies
 from fewshot.ops import tune_malloc
 
 # name:input_size -> (create options, stored image shape)

@@ -25,7 +25,7 @@ from fewshot.evaluators import episode_accuracies
 from fewshot.evaluators import workdir as evaluation
 from fewshot.objectives import init_state, make_train_step
 from fewshot.stats import summarize
-from helpers import REPO, load_config
+from helpers import REPO, killed_after_checkpoint, load_config
 from omniglot_runs_test import make_runs
 
 
@@ -106,18 +106,8 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path,
   config = _tiny_config(steps=4)
   harness.train_and_evaluate(config, str(tmp_path / 'straight'))
 
-  original_save = Checkpointer.save
-
-  def save_then_die(self, step, state, config_dict):
-    original_save(self, step, state, config_dict)
-    if step == 2:
-      self.wait()
-      raise KeyboardInterrupt('simulated pre-emption after step 2')
-
-  monkeypatch.setattr(Checkpointer, 'save', save_then_die)
-  with pytest.raises(KeyboardInterrupt):
-    harness.train_and_evaluate(config, str(tmp_path / 'killed'))
-  monkeypatch.setattr(Checkpointer, 'save', original_save)
+  killed_after_checkpoint(monkeypatch, 2, lambda: harness.train_and_evaluate(
+      config, str(tmp_path / 'killed')))
   # Nothing written before the kill is lost.
   straight = _resume_and_compare(config, tmp_path, 'killed', stopped_at=2)
   # And training did move the parameters.

@@ -20,3 +20,25 @@ def load_config_module(name: str):
 def load_config(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
   """`configs/<name>.py:get_config(arg)`."""
   return load_config_module(name).get_config(arg)
+
+
+def killed_after_checkpoint(monkeypatch, step: int, run) -> None:
+  """Runs `run()` as if the process were killed right after saving `step`.
+
+  The checkpoint of `step` is written completely (a real pre-emption can
+  come at any time after it), then KeyboardInterrupt stops the run.
+  """
+  import pytest  # pylint: disable=g-import-not-at-top
+  from fewshot.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
+  original_save = Checkpointer.save
+
+  def save_then_die(self, saved_step, state, config_dict):
+    original_save(self, saved_step, state, config_dict)
+    if saved_step == step:
+      self.wait()
+      raise KeyboardInterrupt(f'simulated pre-emption after step {step}')
+
+  monkeypatch.setattr(Checkpointer, 'save', save_then_die)
+  with pytest.raises(KeyboardInterrupt):
+    run()
+  monkeypatch.setattr(Checkpointer, 'save', original_save)

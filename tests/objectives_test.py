@@ -10,13 +10,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import pytest
 
 from fewshot import harness
 from fewshot.checkpoint import Checkpointer
 from fewshot.experiment import Experiment
 from fewshot.objectives import Objective, init_state, make_train_step
 from fewshot.objectives.base import TrainState
+from helpers import killed_after_checkpoint
 
 
 def regression(batch_size: int) -> Objective:
@@ -92,19 +92,9 @@ def test_a_killed_run_of_it_resumes_bit_identically(tmp_path, monkeypatch):
   experiment, _ = _experiment()
   harness.train(experiment, str(tmp_path / 'straight'), settings=_settings(20),
                 config_dict={})
-  original_save = Checkpointer.save
-
-  def save_then_die(self, step, state, config_dict):
-    original_save(self, step, state, config_dict)
-    if step == 10:
-      self.wait()
-      raise KeyboardInterrupt('simulated pre-emption')
-
-  monkeypatch.setattr(Checkpointer, 'save', save_then_die)
-  with pytest.raises(KeyboardInterrupt):
-    harness.train(experiment, str(tmp_path / 'killed'), settings=_settings(20),
-                  config_dict={})
-  monkeypatch.setattr(Checkpointer, 'save', original_save)
+  killed_after_checkpoint(monkeypatch, 10, lambda: harness.train(
+      experiment, str(tmp_path / 'killed'), settings=_settings(20),
+      config_dict={}))
   harness.train(experiment, str(tmp_path / 'killed'), settings=_settings(20),
                 config_dict={})
   straight = _final(experiment, tmp_path / 'straight')

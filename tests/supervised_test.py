@@ -15,7 +15,7 @@ from fewshot import harness
 from fewshot import workdir as workdir_lib
 from fewshot.checkpoint import Checkpointer
 from fewshot.objectives import init_state
-from helpers import load_config
+from helpers import killed_after_checkpoint, load_config
 
 
 def _tiny_config(steps=4):
@@ -66,18 +66,8 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(straight_run,
                                                          tmp_path,
                                                          monkeypatch):
   config, straight_dir, _ = straight_run
-  original_save = Checkpointer.save
-
-  def save_then_die(self, step, state, config_dict):
-    original_save(self, step, state, config_dict)
-    if step == 2:
-      self.wait()
-      raise KeyboardInterrupt('simulated pre-emption after step 2')
-
-  monkeypatch.setattr(Checkpointer, 'save', save_then_die)
-  with pytest.raises(KeyboardInterrupt):
-    harness.train_and_evaluate(config, str(tmp_path))
-  monkeypatch.setattr(Checkpointer, 'save', original_save)
+  killed_after_checkpoint(monkeypatch, 2, lambda: harness.train_and_evaluate(
+      config, str(tmp_path)))
   _resume_and_compare(config, straight_dir, tmp_path, stopped_at=2)
 
 
