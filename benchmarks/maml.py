@@ -51,7 +51,6 @@ Run from the repo root:
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import platform

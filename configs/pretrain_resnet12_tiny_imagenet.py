@@ -8,7 +8,8 @@ features on the 40 meta-val (and at the end meta-test) classes.
       --config configs/pretrain_resnet12_tiny_imagenet.py \
       --workdir runs/pretrain_resnet12_tiny_imagenet
 
-Then `fewshot.backbones.load('resnet12', weights=<workdir>)` returns the
+`experiments/train.py` runs it because the config's objective is
+'supervised'. Then `fewshot.workdir.load_backbone(<workdir>)` returns the
 backbone, and any config whose backbone section reads
 `dict(name='resnet12', widths=..., weights=<workdir>)` starts from it.
 

@@ -13,7 +13,7 @@ configured model as it is (e.g. a pretrained backbone with a linear probe).
 from __future__ import annotations
 
 import functools
-import os
+import inspect
 from typing import Any
 
 import jax
@@ -34,7 +34,7 @@ from fewshot.evaluators.episodes import (FewShotLearner, feature_cache,
                                          few_shot_evaluator)
 from fewshot.experiment import Experiment
 from fewshot.features import FEATURE_ALGORITHMS
-from fewshot.objectives import OBJECTIVES
+from fewshot.objectives import OBJECTIVES, episodic, supervised
 from fewshot.optimizers import make_optimizer
 from fewshot.reports import ReportModel
 
@@ -86,22 +86,23 @@ def build_optimizer(config: ml_collections.ConfigDict
   return make_optimizer(num_steps=config.train.num_steps, **options)
 
 
-def _episodic(config, options, splits, backbone, algorithm):
+def _episodic(options, splits, algorithm, seed):
   spec = EpisodeSpec(options['ways'], options['shots'], options['queries'])
   data_lib.check_spec(spec, splits['train'].class_counts(),
                       splits['train'].class_names, 'meta-train split')
-  objective = OBJECTIVES['episodic'](algorithm, **options)
+  objective = episodic(algorithm, **options)
   learner = FewShotLearner(algorithm, lambda params: params)
-  return objective, data_lib.to_device(splits['train']), learner
+  initial = lambda: algorithm.init(jax.random.key(seed),
+                                   jnp.asarray(splits['test'].images[:2]))
+  return objective, data_lib.index_by_class(splits['train']), learner, initial
 
 
-def _supervised(config, options, splits, backbone, algorithm):
+def _supervised(options, splits, algorithm, seed, backbone):
   train = splits['train']
-  if options.get('batch_size', 0) > len(train.images):
+  if options['batch_size'] > len(train.images):
     raise ValueError(f'batch_size {options["batch_size"]} exceeds the '
                      f'{len(train.images)} training images.')
-  objective = OBJECTIVES['supervised'](backbone, num_classes=train.num_classes,
-                                       **options)
+  objective = supervised(backbone, num_classes=train.num_classes, **options)
   # The evaluating algorithm's own meta-parameters (e.g. ProtoNet's cosine
   # scale), with the trained backbone's in place of its random ones.
   algorithm_params = dict(algorithm.init(
@@ -110,15 +111,44 @@ def _supervised(config, options, splits, backbone, algorithm):
   learner = FewShotLearner(
       algorithm,
       lambda params: {**algorithm_params, 'backbone': params['backbone']})
-  return objective, labelled_images(train), learner
+  data = labelled_images(train)
+  initial = lambda: objective.init(jax.random.key(seed), data)[:2]
+  return objective, data, learner, initial
 
 
-# objective name -> (config, options, splits, backbone, algorithm)
-#   -> (objective, train data on the device, few-shot learner)
+# objective name -> (its factory's arguments that the builder supplies,
+#   (options, splits, algorithm, seed[, backbone]) -> (objective, training
+#   data on the host, few-shot learner, the configured model's parameters)).
 _OBJECTIVE_BUILDERS = {
-    'episodic': _episodic,
-    'supervised': _supervised,
+    'episodic': ((), _episodic),
+    'supervised': (('num_classes',), _supervised),
 }
+
+
+def _build_objective(section, splits, backbone, algorithm, seed):
+  options = dict(section)
+  name = options.pop('name')
+  if name not in OBJECTIVES or name not in _OBJECTIVE_BUILDERS:
+    raise ValueError(f'Unknown objective {name!r}; known: '
+                     f'{sorted(set(OBJECTIVES) & set(_OBJECTIVE_BUILDERS))}.')
+  factory = OBJECTIVES[name]
+  check_options(factory, options, f'objective {name!r}')
+  parameters = inspect.signature(factory).parameters.values()
+  supplied, build = _OBJECTIVE_BUILDERS[name]
+  supplied = set(supplied) | {p.name for p in parameters
+                              if p.kind == p.POSITIONAL_OR_KEYWORD}
+  if set(options) & supplied:
+    raise ValueError(f'objective.{sorted(set(options) & supplied)[0]} is set '
+                     f'by the builder from the data; remove it from the '
+                     'config.')
+  missing = sorted(p.name for p in parameters
+                   if p.default is p.empty and p.name not in supplied
+                   and p.name not in options)
+  if missing:
+    raise ValueError(f'objective {name!r} needs {missing} in the config\'s '
+                     'objective section.')
+  extra = (backbone,) if name == 'supervised' else ()
+  return build(options, splits, algorithm, seed, *extra)
 
 
 def _eval_spec(config, splits, names) -> EpisodeSpec:
@@ -129,19 +159,27 @@ def _eval_spec(config, splits, names) -> EpisodeSpec:
   return spec
 
 
-def _feature_cache(config, backbone):
-  """`config.eval.precompute_features`: embed each split once per evaluation."""
-  if not config.eval.get('precompute_features', False):
-    return None
-  name = config.algorithm.name
+def _check_precompute(algorithm_section, backbone_section, what: str) -> None:
+  """Features embedded once are exact only for frozen-feature learners on
+  backbones that treat images independently in evaluation mode."""
+  name = algorithm_section.name
   if name not in FEATURE_ALGORITHMS:
     raise ValueError(
-        f'eval.precompute_features needs a frozen-feature algorithm '
+        f'{what} needs a frozen-feature algorithm '
         f'({", ".join(FEATURE_ALGORITHMS)}); {name!r} adapts the backbone.')
-  if config.backbone.get('norm') == 'batch':
+  if backbone_section.get('norm') == 'batch':
     raise ValueError(
-        "eval.precompute_features needs per-image features, but norm='batch' "
-        'normalises each episode with its own statistics.')
+        f"{what} needs per-image features, but norm='batch' normalises each "
+        'episode with its own statistics.')
+
+
+def _feature_cache(config, backbone):
+  """`config.eval.precompute_features`: embed each split once per evaluation
+  (validation included)."""
+  if not config.eval.get('precompute_features', False):
+    return None
+  _check_precompute(config.algorithm, config.backbone,
+                    'eval.precompute_features')
   return feature_cache(functools.partial(build_algorithm, config.algorithm),
                        backbone, config.eval.get('feature_batch_size', 256))
 
@@ -159,17 +197,9 @@ def build(config: ml_collections.ConfigDict, *,
   backbone = build_backbone(config.backbone, pretrained=pretrained)
   algorithm = build_algorithm(config.algorithm, backbone)
   if has_objective:
-    options = dict(config.objective)
-    name = options.pop('name')
-    if name not in _OBJECTIVE_BUILDERS:
-      raise ValueError(f'Unknown objective {name!r}; known: '
-                       f'{sorted(_OBJECTIVE_BUILDERS)}.')
-    check_options(OBJECTIVES[name], options, f'objective {name!r}')
     optimizer = build_optimizer(config)
-    objective, train_data, learner = _OBJECTIVE_BUILDERS[name](
-        config, options, splits, backbone, algorithm)
-    initial = lambda: objective.init(jax.random.key(config.seed),
-                                     train_data)[:2]
+    objective, train_data, learner, initial = _build_objective(
+        config.objective, splits, backbone, algorithm, config.seed)
   else:
     objective = optimizer = train_data = None
     learner = FewShotLearner(algorithm, lambda params: params)
@@ -200,9 +230,9 @@ def build(config: ml_collections.ConfigDict, *,
 
 def _report_model(section: ml_collections.ConfigDict):
   precompute = bool(section.get('precompute_features', False))
-  if precompute and section.algorithm.name not in FEATURE_ALGORITHMS:
-    raise ValueError(f'precompute_features needs one of {FEATURE_ALGORITHMS}, '
-                     f'not {section.algorithm.name!r}.')
+  if precompute:
+    _check_precompute(section.algorithm, section.backbone,
+                      f'{section.label}: precompute_features')
   return ReportModel(
       label=section.label, backbone=build_backbone(section.backbone),
       make_algorithm=functools.partial(build_algorithm, section.algorithm),

@@ -53,7 +53,7 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
       try:
         values[key] = kind(value)
       except ValueError as e:
-        raise ValueError(f'Config argument {key}={value!r} is not a '
+        raise ValueError(f'Config argument {key}={value!r} is not of type '
                          f'{kind.__name__}.') from e
   return ml_collections.ConfigDict(values)
 

@@ -6,11 +6,9 @@ from typing import Any, Callable, NamedTuple
 
 import optax
 
+from fewshot.backbones.base import ModelState, Params
 from fewshot.evaluators.episodes import Evaluator, FewShotLearner
 from fewshot.objectives.base import Objective
-
-Params = Any
-ModelState = Any
 
 
 class Experiment(NamedTuple):
@@ -19,8 +17,8 @@ class Experiment(NamedTuple):
   Attributes:
     objective: what is trained (None for an evaluation-only config).
     optimizer: its optimizer (None without an objective).
-    train_data: the training data on the device, as `objective.sample`
-      takes it.
+    train_data: the training data as host (numpy) arrays, the pytree
+      `objective.sample` takes once the harness has placed it.
     learner: how the trained parameters are evaluated few-shot.
     validate: the evaluator run during training (`eval.val_episodes`
       meta-validation episodes).

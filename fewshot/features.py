@@ -72,6 +72,23 @@ def precompute(backbone: Backbone, params: Params, model_state: ModelState,
   return data.replace(images=features.astype(jnp.float32))
 
 
+def feature_inputs(backbone: Backbone, meta_params: dict[str, Any],
+                   model_state: ModelState, data: DeviceDataset, *,
+                   batch_size: int = 256
+                   ) -> tuple[dict[str, Any], ModelState, DeviceDataset]:
+  """A learner's inputs moved onto precomputed features.
+
+  Returns:
+    `(meta_params, model_state, data)` for the learner over
+    `identity_backbone()`: its meta-parameters without the backbone's
+    (`meta_params['backbone']` embeds the split), no model state, and the
+    split as features `[M, D]`.
+  """
+  data = precompute(backbone, meta_params['backbone'], model_state, data,
+                    batch_size=batch_size)
+  return {**meta_params, 'backbone': {}}, {}, data
+
+
 def on_features(make_algorithm: Callable[[Backbone], Algorithm],
                 backbone: Backbone, meta_params: dict[str, Any],
                 model_state: ModelState, data: DeviceDataset, *,
@@ -89,14 +106,12 @@ def on_features(make_algorithm: Callable[[Backbone], Algorithm],
 
   Returns:
     `(algorithm, meta_params, model_state, data)` to evaluate instead: the
-    learner over `identity_backbone()`, its meta-parameters without the
-    backbone's, no model state, and the split as features `[M, D]`.
+    learner over `identity_backbone()` and `feature_inputs`'s inputs.
   """
-  data = precompute(backbone, meta_params['backbone'], model_state, data,
-                    batch_size=batch_size)
   return (make_algorithm(identity_backbone()),
-          {**meta_params, 'backbone': {}}, {}, data)
+          *feature_inputs(backbone, meta_params, model_state, data,
+                          batch_size=batch_size))
 
 
-__all__ = ['FEATURE_ALGORITHMS', 'extract_features', 'on_features',
-           'precompute']
+__all__ = ['FEATURE_ALGORITHMS', 'extract_features', 'feature_inputs',
+           'on_features', 'precompute']

@@ -49,8 +49,8 @@ def _batch_size(experiment: Experiment, state: TrainState,
                      f'axis; the objective\'s have {sorted(map(str, sizes))}.')
   size = sizes.pop()
   if size % devices:
-    raise ValueError(f'The batch axis ({size}, meta_batch_size or '
-                     f'batch_size) does not divide evenly over {devices} '
+    name = experiment.objective.batch_size_name
+    raise ValueError(f'{name} {size} does not divide evenly over {devices} '
                      f'devices; use a multiple of {devices}.')
   return size
 

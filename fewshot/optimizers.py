@@ -24,22 +24,23 @@ InnerOptimizer = Union[str, optax.GradientTransformation,
                        Callable[[float], optax.GradientTransformation]]
 
 
-def inner_optimizer(rule: InnerOptimizer,
-                    learning_rate: float) -> optax.GradientTransformation:
+def inner_optimizer(rule: InnerOptimizer, learning_rate: float, *,
+                    what: str = 'optimizer') -> optax.GradientTransformation:
   """An inner-loop update rule at `learning_rate`.
 
   Args:
     rule: a name in `INNER_OPTIMIZERS` ('sgd', 'momentum' (0.9), 'adam'), a
       function `learning_rate -> GradientTransformation`, or a
       `GradientTransformation`, returned as it is (its own rate applies).
+    what: the option's name in error messages.
   """
   if isinstance(rule, optax.GradientTransformation):
     return rule
   if isinstance(rule, str):
     if rule not in INNER_OPTIMIZERS:
-      raise ValueError(f'Unknown inner optimizer {rule!r}; known: '
-                       f'{sorted(INNER_OPTIMIZERS)}, or an optax '
-                       'GradientTransformation.')
+      raise ValueError(f'{what} must be one of {sorted(INNER_OPTIMIZERS)}, '
+                       f'a function of the learning rate or an optax '
+                       f'GradientTransformation, got {rule!r}.')
     return INNER_OPTIMIZERS[rule](learning_rate)
   return rule(learning_rate)
 
@@ -112,11 +113,14 @@ def make_optimizer(*, name: str = 'adam', learning_rate: float = 1e-3,
     tx = optax.sgd(lr, momentum=0.9)
   else:
     raise ValueError(f'Unknown optimizer {name!r}: adam, adamw, sgd.')
+  # Decay, then clipping, then the update: the order (and so the optimizer
+  # state's structure) of the supervised pretraining runs before it shared
+  # this factory, whose checkpoints must keep resuming.
+  if clip_norm is not None:
+    tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx)
   if weight_decay and name != 'adamw':
     tx = optax.chain(
         optax.add_decayed_weights(weight_decay, mask=_not_log_scale), tx)
-  if clip_norm is not None:
-    tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx)
   return tx
 
 

@@ -25,7 +25,7 @@ import numpy as np
 from fewshot import backbones
 from fewshot.backbones.loading import lists_to_tuples
 from fewshot.checkpoint import (Checkpointer, SubsetMismatch, restore_subset,
-                                stored_shapes)
+                                stored_shapes, tree_shapes)
 
 CONFIG = 'config.json'
 METRICS = 'metrics.jsonl'
@@ -107,12 +107,26 @@ def _resolve(path: str | os.PathLike) -> str:
   return path
 
 
-def _input_channels(shapes: Mapping[str, tuple[int, ...]]) -> int:
-  """Input channels of the backbone's first 4-D kernel (HWIO)."""
-  for path in sorted(shapes):
-    if path.startswith('params/backbone/') and len(shapes[path]) == 4:
-      return shapes[path][2]
-  return 3
+def _abstract_variables(module, shapes: Mapping[str, tuple[int, ...]]):
+  """`module`'s variables as `ShapeDtypeStruct`s, for the stored input channels.
+
+  The variables depend on the image size only through the input channels,
+  which the stored kernels do not name (a depthwise kernel has 1 input
+  channel too): try RGB, grayscale, then each kernel's input channels, and
+  keep the first whose parameter shapes are the stored ones (else RGB's,
+  for the error message).
+  """
+  stored = {k: v for k, v in shapes.items() if k.startswith('params/backbone/')}
+  candidates = [3, 1] + sorted({v[2] for v in stored.values() if len(v) == 4})
+  first = None
+  for channels in dict.fromkeys(candidates):
+    sample = jax.ShapeDtypeStruct((1, 32, 32, channels), jnp.float32)
+    abstract = dict(jax.eval_shape(module.init, jax.random.key(0), sample))
+    first = first or abstract
+    wanted = tree_shapes({'params': {'backbone': abstract['params']}})
+    if wanted == stored:
+      return abstract
+  return first
 
 
 def load_backbone(path: str | os.PathLike, name: str | None = None,
@@ -147,9 +161,7 @@ def load_backbone(path: str | os.PathLike, name: str | None = None,
   module = backbones.create(name, **merged).module
   directory = checkpoint_dir(workdir)
   _, shapes = stored_shapes(directory)
-  sample = jax.ShapeDtypeStruct((1, 32, 32, _input_channels(shapes)),
-                                jnp.float32)
-  abstract = dict(jax.eval_shape(module.init, jax.random.key(0), sample))
+  abstract = _abstract_variables(module, shapes)
   wanted = {'params': {'backbone': abstract.pop('params')}}
   if abstract:  # state collections, e.g. running BatchNorm statistics
     wanted['model_state'] = abstract

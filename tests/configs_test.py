@@ -78,7 +78,7 @@ def test_parse_arg_types_values_like_defaults():
     parse_arg('ways', ways=5)
   with pytest.raises(ValueError, match="shift='flase' is not a boolean"):
     parse_arg('shift=flase', shift=False)
-  with pytest.raises(ValueError, match="ways='five' is not a int"):
+  with pytest.raises(ValueError, match="ways='five' is not of type int"):
     parse_arg('ways=five', ways=5)
 
 

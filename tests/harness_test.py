@@ -248,3 +248,10 @@ def test_experiment_scripts_end_to_end(tmp_path):
       [sys.executable, str(REPO / 'experiments' / 'evaluate.py'), *common,
        '--config.train.no_such_key=1'], env=env, capture_output=True, text=True)
   assert bad.returncode != 0 and 'no_such_key' in bad.stderr
+  # A config argument of the wrong type is named, not read as something else.
+  bad = subprocess.run(
+      [sys.executable, str(REPO / 'experiments' / 'train.py'), '--config',
+       str(REPO / 'configs' / 'protonet_synthetic.py:steps=three'),
+       '--workdir', str(tmp_path / 'bad')], env=env, capture_output=True,
+      text=True)
+  assert bad.returncode != 0 and "steps='three' is not of type int" in bad.stderr

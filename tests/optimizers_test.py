@@ -62,5 +62,17 @@ def test_inner_optimizer_table():
   assert optimizers.inner_optimizer(given, 0.5) is given
   tx = optimizers.inner_optimizer(lambda lr: optax.sgd(2 * lr), 0.5)
   np.testing.assert_allclose(tx.update(grads, tx.init(params))[0]['w'], -1.0)
-  with pytest.raises(ValueError, match="Unknown inner optimizer 'lbfgs'"):
-    optimizers.inner_optimizer('lbfgs', 0.1)
+  with pytest.raises(ValueError, match="rule must be one of.*got 'lbfgs'"):
+    optimizers.inner_optimizer('lbfgs', 0.1, what='rule')
+
+
+def test_weight_decay_comes_before_clipping():
+  # Zero gradients, large weights: the decay term alone has norm 10 and is
+  # clipped to 1 (the order of the optimizer state before they shared this
+  # factory: decay, clip, update).
+  params = {'w': np.full(4, 10.0, np.float32)}
+  tx = optimizers.make_optimizer(name='sgd', learning_rate=0.1,
+                                 weight_decay=0.5, clip_norm=1.0)
+  updates, _ = tx.update(jax.tree.map(np.zeros_like, params), tx.init(params),
+                         params)
+  np.testing.assert_allclose(np.linalg.norm(updates['w']), 0.1, rtol=1e-5)

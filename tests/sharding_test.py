@@ -19,8 +19,9 @@ import json, os, sys
 import jax, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 sys.path.insert(0, {repo!r})
-from configs import protonet_synthetic
+from configs import pretrain_synthetic, protonet_synthetic
 from fewshot import builder, harness
+from fewshot.evaluators import workdir as evaluation
 from fewshot.objectives import init_state, make_train_step
 out, devices = sys.argv[1], int(sys.argv[2])
 assert jax.device_count() == devices, jax.devices()
@@ -58,7 +59,24 @@ for name, (algorithm_config, norm) in ALGORITHMS.items():
   np.savez(os.path.join(out, f'{{name}}-{{devices}}.npz'),
            *[np.asarray(x) for x in leaves])
   report[name] = losses
+bad = config.copy_and_resolve_references()
+# The whole harness (placement, validation, test, checkpoints) on the
+# supervised objective: its minibatch axis is split over the devices.
+config = pretrain_synthetic.get_config('steps=3')
+config.backbone.widths = (4, 4, 4, 4)
+config.train.eval_every = 2
+config.eval.val_episodes = 4
+config.eval.num_episodes = 6
+workdir = os.path.join(out, f'supervised-{{devices}}')
+results = harness.train_and_evaluate(config, workdir)
+params, model_state, _ = evaluation.restore(
+    builder.build(config, pretrained=False), workdir)
+np.savez(os.path.join(out, f'supervised-{{devices}}.npz'),
+         *[np.asarray(x) for x in jax.tree.leaves((params, model_state))])
+report['supervised'] = [results['val']['accuracy'],
+                        results['test']['accuracy']]
 if devices > 1:
+  config = bad
   config.objective.meta_batch_size = devices - 1
   try:
     harness.train_and_evaluate(config, os.path.join(out, 'bad'))
@@ -97,6 +115,17 @@ def test_four_devices_match_one(runs, name):
             for d in (1, 4)]
   np.testing.assert_allclose(losses[1], losses[0], rtol=1e-4)
   assert losses[0][0] != losses[0][-1]  # the steps trained
+
+
+def test_the_harness_trains_the_supervised_objective_on_four_devices(runs):
+  one = _leaves(runs / 'supervised-1.npz')
+  four = _leaves(runs / 'supervised-4.npz')
+  assert len(one) == len(four)
+  for a, b in zip(one, four):
+    np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-4)
+  accuracies = [json.loads((runs / f'report-{d}.json').read_text())[
+      'supervised'] for d in (1, 4)]
+  np.testing.assert_allclose(accuracies[1], accuracies[0], atol=0.02)
 
 
 def test_meta_batch_not_divisible_by_devices_is_a_clear_error(runs):

@@ -14,6 +14,9 @@ from fewshot import builder
 from fewshot import harness
 from fewshot import workdir as workdir_lib
 from fewshot.checkpoint import Checkpointer
+from fewshot.data import sampling
+from fewshot.evaluators import episode_accuracies
+from fewshot.evaluators import workdir as evaluation
 from fewshot.objectives import init_state
 from helpers import killed_after_checkpoint, load_config
 
@@ -143,3 +146,29 @@ def test_batches_are_labelled_dataset_images_and_the_loss_is_their_cross_entropy
   np.testing.assert_allclose(loss, expected, rtol=1e-5)
   np.testing.assert_allclose(metrics['accuracy'], np.mean(
       logits.argmax(1) == np.asarray(batch.labels)))
+
+
+def test_a_pretraining_workdir_is_evaluated_with_its_trained_backbone(
+    straight_run):
+  config, workdir, _ = straight_run
+  result = evaluation.evaluate_workdir(builder.build(config, pretrained=False),
+                                       str(workdir))
+  # Directly: the evaluating ProtoNet's own parameters (its cosine scale)
+  # with the trained backbone's in place, on the seeded test episodes.
+  state, *_ = _restore_state(config, workdir)
+  test = builder.load_splits(config.data)['test']
+  algorithm = builder.build_algorithm(config.algorithm,
+                                      builder.build_backbone(config.backbone))
+  meta_params = dict(algorithm.init(jax.random.key(0),
+                                    jnp.asarray(test.images[:2]))[0],
+                     backbone=state.params['backbone'])
+  spec = sampling.EpisodeSpec(config.eval.ways, config.eval.shots,
+                              config.eval.queries)
+  accuracies = jax.jit(episode_accuracies(
+      algorithm, spec, config.eval.num_episodes))(
+          meta_params, state.model_state, sampling.to_device(test),
+          jax.random.key(config.eval.seed))
+  np.testing.assert_allclose(result['accuracy'], np.mean(accuracies),
+                             rtol=1e-6)
+  assert (result['step'], result['weights'], result['episodes']) == (
+      4, str(workdir), config.eval.num_episodes)

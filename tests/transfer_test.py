@@ -10,8 +10,6 @@ import pytest
 
 from fewshot import backbones
 from fewshot import transfer
-from fewshot.data import sampling
-from fewshot.data.synthetic import synthetic_splits
 
 
 @functools.cache

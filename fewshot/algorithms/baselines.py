@@ -1,7 +1,7 @@
 """Transfer baselines: linear probes, SimpleShot, Baseline++, fine-tuning.
 
 Each factory returns an `Algorithm` written for one episode, so it vmaps over
-a meta-batch and plugs into `fewshot.evaluate.episode_accuracies` unchanged.
+a meta-batch and plugs into `fewshot.evaluators.episode_accuracies` unchanged.
 Their meta-parameters hold the backbone's parameters under `'backbone'`, as
 ProtoNet's do: put pretrained weights there to evaluate a pretrained backbone.
 

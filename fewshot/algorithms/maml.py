@@ -112,7 +112,7 @@ def maml(backbone: Backbone, *, num_ways: int | None = None,
                      "unless head_init='prototypes'.")
   if inner_steps < 0 or (eval_inner_steps is not None and eval_inner_steps < 0):
     raise ValueError('inner steps must be >= 0.')
-  make_inner(inner_optimizer, 1.0)  # fail early on a bad name
+  make_inner(inner_optimizer, 1.0, what='inner_optimizer')  # fail early
   train_inner = (inner_steps, inner_learning_rate)
   eval_inner = (inner_steps if eval_inner_steps is None else eval_inner_steps,
                 inner_learning_rate if eval_inner_learning_rate is None

@@ -7,7 +7,7 @@ from typing import Any
 from fewshot._utils import check_options
 from fewshot.data.dataset import ClassDataset
 from fewshot.data.sampling import (DeviceDataset, EpisodeSpec, HostSampler,
-                                   check_spec, sample_episode,
+                                   check_spec, index_by_class, sample_episode,
                                    sample_meta_batch, to_device)
 
 
@@ -35,6 +35,7 @@ def load_splits(name: str, **kwargs: Any) -> dict[str, ClassDataset]:
 
 __all__ = [
     'ClassDataset', 'DeviceDataset', 'EpisodeSpec', 'HostSampler',
-    'check_spec', 'load_splits', 'sample_episode', 'sample_meta_batch',
+    'check_spec', 'index_by_class', 'load_splits', 'sample_episode',
+    'sample_meta_batch',
     'to_device',
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fewshot.data.dataset import ClassDataset
 
@@ -31,10 +32,13 @@ class LabelledImages:
     return self.images.shape[0]
 
 
-def labelled_images(dataset: ClassDataset, device=None) -> LabelledImages:
-  """Places a dataset's images and labels on a device."""
-  return LabelledImages(images=jax.device_put(dataset.images, device),
-                        labels=jax.device_put(dataset.labels, device))
+def labelled_images(dataset: ClassDataset) -> LabelledImages:
+  """A dataset's images and labels as host (numpy) arrays.
+
+  Place them with `jax.device_put(data, sharding)`.
+  """
+  return LabelledImages(images=np.asarray(dataset.images),
+                        labels=np.asarray(dataset.labels))
 
 
 def batch_indices(key: jax.Array, step: jax.Array, num_images: int,

@@ -35,7 +35,10 @@ class EpisodeSpec:
 
 @flax.struct.dataclass
 class DeviceDataset:
-  """A class-grouped dataset as arrays (a pytree, so it can be jit-argument).
+  """A class-grouped dataset as arrays (a pytree, so it can be a jit argument).
+
+  `to_device` places it on a device; `index_by_class` keeps it on the host
+  for the caller to place (replicated over a mesh, say).
 
   Attributes:
     images: `[M, H, W, C]` uint8.
@@ -54,6 +57,15 @@ class DeviceDataset:
 
 def to_device(dataset: ClassDataset, device=None) -> DeviceDataset:
   """Builds the per-class index and places the dataset's arrays on a device."""
+  return jax.device_put(index_by_class(dataset), device)
+
+
+def index_by_class(dataset: ClassDataset) -> DeviceDataset:
+  """The `DeviceDataset` of `dataset` as host (numpy) arrays.
+
+  Place it with `jax.device_put(data, sharding)`, e.g. replicated over a
+  mesh, without a first copy on the default device.
+  """
   counts = dataset.class_counts()
   if (counts == 0).any():
     raise ValueError(f'Class {dataset.class_names[int(np.argmin(counts))]!r} '
@@ -64,10 +76,9 @@ def to_device(dataset: ClassDataset, device=None) -> DeviceDataset:
   position = np.arange(width)[None, :]
   gather = np.minimum(starts[:, None] + position, len(order) - 1)
   index = np.where(position < counts[:, None], order[gather], 0)
-  put = lambda x: jax.device_put(x, device)
-  return DeviceDataset(images=put(dataset.images),
-                       class_index=put(index.astype(np.int32)),
-                       class_counts=put(counts.astype(np.int32)))
+  return DeviceDataset(images=np.asarray(dataset.images),
+                       class_index=index.astype(np.int32),
+                       class_counts=counts.astype(np.int32))
 
 
 def check_spec(spec: EpisodeSpec, class_counts: np.ndarray,

@@ -11,16 +11,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from fewshot.algorithms.base import Algorithm, MetaParams
-from fewshot.backbones.base import Backbone, ModelState, identity_backbone
+from fewshot.backbones.base import (Backbone, ModelState, Params,
+                                    identity_backbone)
 from fewshot.data.dataset import ClassDataset
-from fewshot.data.sampling import (DeviceDataset, EpisodeSpec, sample_episode,
-                                   to_device)
+from fewshot.data.sampling import (DeviceDataset, EpisodeSpec, index_by_class,
+                                   sample_episode)
 from fewshot.episodes import Episode
-from fewshot.features import precompute
+from fewshot.features import feature_inputs
 from fewshot.losses import query_logits
 from fewshot.stats import summarize
 
-Params = Any
 # (meta_params, model_state, data, key) -> accuracies [num_episodes]
 EvaluateFn = Callable[[MetaParams, ModelState, DeviceDataset, jax.Array],
                       jax.Array]
@@ -92,28 +92,32 @@ def few_shot_evaluator(learner: FewShotLearner, dataset: ClassDataset,
 
   The summary is `fewshot.stats.summarize`'s (`accuracy`, `ci95`,
   `episodes`) plus the episode shape and the wall time in seconds (and the
-  feature extraction's, with `features`). The dataset goes to the device
-  and the evaluation compiles on the first call; later calls reuse both.
+  feature extraction's, with `features`). The dataset is placed like the
+  parameters (replicated over the harness's mesh, say) and the evaluation
+  compiled on the first call; later calls reuse both.
   """
   algorithm = learner.algorithm if features is None else features.algorithm
   evaluate = jax.jit(episode_accuracies(algorithm, spec, num_episodes,
                                         images_per_chunk=images_per_chunk))
-  device_data = []
+  placed = {}  # sharding -> the dataset on it
 
   def run(params: Params, model_state: ModelState) -> dict[str, Any]:
     start = time.time()
-    if not device_data:
-      device_data.append(to_device(dataset))
-    data = device_data[0]
+    leaves = jax.tree.leaves(params)
+    sharding = getattr(leaves[0], 'sharding', None) if leaves else None
+    if sharding not in placed:
+      placed.clear()
+      placed[sharding] = jax.device_put(index_by_class(dataset), sharding)
+    data = placed[sharding]
     meta_params = learner.meta_params(params)
     extra = {}
     if features is not None:
-      data = precompute(features.backbone, meta_params['backbone'],
-                        model_state, data, batch_size=features.batch_size)
+      meta_params, model_state, data = feature_inputs(
+          features.backbone, meta_params, model_state, data,
+          batch_size=features.batch_size)
       jax.block_until_ready(data.images)
       extra = dict(precomputed_features=True,
                    feature_seconds=round(time.time() - start, 2))
-      meta_params, model_state = {**meta_params, 'backbone': {}}, {}
     accuracies = np.asarray(evaluate(meta_params, model_state, data, key))
     return dict(summarize(accuracies), ways=spec.num_ways,
                 shots=spec.num_shots, queries=spec.num_queries,

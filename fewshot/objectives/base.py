@@ -16,7 +16,8 @@ An objective is what a training run needs from a method, as pure functions:
   objective's own way (per-task gradients of a meta-batch, gradient
   surgery over several tasks); by default `jax.value_and_grad(loss)`;
 * `unit`: what one element of the batch axis is ('episodes', 'images'),
-  for the throughput log.
+  for the throughput log, and `batch_size_name` the option that sets the
+  axis's length ('meta_batch_size', 'batch_size'), for error messages.
 
 `make_train_step` turns any objective and an optax optimizer into one
 jittable step; the harness (`fewshot.harness`) runs it.
@@ -32,8 +33,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding
 
-Params = Any
-ModelState = Any
+from fewshot.backbones.base import ModelState, Params
+
 Batch = Any        # a pytree whose leaves share a leading batch axis
 DeviceData = Any   # the training data on the device (a pytree)
 Metrics = dict[str, jax.Array]
@@ -53,6 +54,7 @@ class Objective(NamedTuple):
   loss: LossFn
   value_and_grad: ValueAndGradFn | None = None
   unit: str = 'examples'
+  batch_size_name: str = 'batch_size'
 
 
 @flax.struct.dataclass

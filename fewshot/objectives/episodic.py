@@ -58,7 +58,8 @@ def episodic(algorithm: Algorithm, *, ways: int, shots: int, queries: int,
                                      jax.random.split(key)[1])
 
   return Objective(init=init, sample=sample, loss=loss,
-                   value_and_grad=value_and_grad, unit='episodes')
+                   value_and_grad=value_and_grad, unit='episodes',
+                   batch_size_name='meta_batch_size')
 
 
 __all__ = ['episodic']
