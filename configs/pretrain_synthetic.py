@@ -4,8 +4,9 @@ Needs no dataset; used by the tests:
 
   python experiments/train.py --config configs/pretrain_synthetic.py --workdir runs/pretrain_smoke
 
-A backbone config section with `weights='runs/pretrain_smoke'` (and the
-same name and options) starts another config's training from it.
+A backbone config section `dict(name='resnet12', weights='runs/pretrain_smoke')`
+(its other options default to the stored ones) starts another config from
+it; `fewshot.workdir.load_backbone('runs/pretrain_smoke')` returns it.
 """
 
 import ml_collections

@@ -38,6 +38,7 @@ from fewshot.objectives import OBJECTIVES, episodic, supervised
 from fewshot.optimizers import make_optimizer
 from fewshot.reports import ReportModel
 
+
 def load_splits(section: ml_collections.ConfigDict,
                 needed: tuple[str, ...] = ('train', 'val', 'test')
                 ) -> dict[str, data_lib.ClassDataset]:

@@ -205,6 +205,14 @@ def test_unknown_objective_and_missing_objective_are_clear_errors(tmp_path):
   config.objective.name = 'reinforce'
   with pytest.raises(ValueError, match="Unknown objective 'reinforce'"):
     builder.build(config)
+  config.objective.name = 'episodic'
+  config.objective.algorithm = 'maml'  # the builder supplies the algorithm
+  with pytest.raises(ValueError, match='objective.algorithm is set by the '
+                     'builder'):
+    builder.build(config)
+  del config.objective['algorithm'], config.objective['queries']
+  with pytest.raises(ValueError, match=r"needs \['queries'\]"):
+    builder.build(config)
   del config['objective']
   with pytest.raises(ValueError, match='no objective section'):
     harness.train_and_evaluate(config, str(tmp_path))
