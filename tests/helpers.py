@@ -1,4 +1,4 @@
-"""Helpers shared by the tests: loading a config file by name."""
+"""Helpers shared by the tests: loading config files and scripts, a simulated kill."""
 
 import importlib.util
 import pathlib
@@ -9,12 +9,17 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = REPO / 'configs'
 
 
-def load_config_module(name: str):
-  """`configs/<name>.py` as a module (configs are loaded by path, not import)."""
-  spec = importlib.util.spec_from_file_location(name, CONFIGS / f'{name}.py')
+def load_module(path: pathlib.Path):
+  """The Python file at `path` as a module (not a package's: loaded by path)."""
+  spec = importlib.util.spec_from_file_location(path.stem, path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+def load_config_module(name: str):
+  """`configs/<name>.py` as a module (configs are loaded by path, not import)."""
+  return load_module(CONFIGS / f'{name}.py')
 
 
 def load_config(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
