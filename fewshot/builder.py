@@ -87,7 +87,8 @@ def build_optimizer(config: ml_collections.ConfigDict
   return make_optimizer(num_steps=config.train.num_steps, **options)
 
 
-def _episodic(options, splits, algorithm, seed):
+def _episodic(options, splits, backbone, algorithm, seed):
+  del backbone  # the algorithm holds it
   spec = EpisodeSpec(options['ways'], options['shots'], options['queries'])
   data_lib.check_spec(spec, splits['train'].class_counts(),
                       splits['train'].class_names, 'meta-train split')
@@ -98,7 +99,7 @@ def _episodic(options, splits, algorithm, seed):
   return objective, data_lib.index_by_class(splits['train']), learner, initial
 
 
-def _supervised(options, splits, algorithm, seed, backbone):
+def _supervised(options, splits, backbone, algorithm, seed):
   train = splits['train']
   if options['batch_size'] > len(train.images):
     raise ValueError(f'batch_size {options["batch_size"]} exceeds the '
@@ -118,7 +119,7 @@ def _supervised(options, splits, algorithm, seed, backbone):
 
 
 # objective name -> (its factory's arguments that the builder supplies,
-#   (options, splits, algorithm, seed[, backbone]) -> (objective, training
+#   (options, splits, backbone, algorithm, seed) -> (objective, training
 #   data on the host, few-shot learner, the configured model's parameters)).
 _OBJECTIVE_BUILDERS = {
     'episodic': ((), _episodic),
@@ -148,8 +149,7 @@ def _build_objective(section, splits, backbone, algorithm, seed):
   if missing:
     raise ValueError(f'objective {name!r} needs {missing} in the config\'s '
                      'objective section.')
-  extra = (backbone,) if name == 'supervised' else ()
-  return build(options, splits, algorithm, seed, *extra)
+  return build(options, splits, backbone, algorithm, seed)
 
 
 def _eval_spec(config, splits, names) -> EpisodeSpec:
