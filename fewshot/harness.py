@@ -210,7 +210,8 @@ def train(experiment: Experiment, workdir: str, *, settings: Any,
     result = evaluate(state.params, state.model_state)
     logging.info(_log_line(step, split, result))
     log.write(step, **{f'{split}_{k}': v for k, v in result.items()
-                       if isinstance(v, (int, float))})
+                       if isinstance(v, (int, float))
+                       and not isinstance(v, bool)})
     return result
 
   state, stopped_by = run_training_loop(
