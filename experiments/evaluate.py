@@ -8,6 +8,8 @@ backbone (`config.backbone.weights`) with a linear probe, SimpleShot or
 per-episode fine-tuning.
   python experiments/evaluate.py --config configs/protonet_omniglot.py --workdir runs/proto \
       --protocol omniglot_runs --runs_dir path/to/all_runs
+  python experiments/evaluate.py --config configs/metric_omniglot.py:loss=arcface \
+      --workdir runs/arcface --protocol retrieval
 """
 
 import json
@@ -29,8 +31,11 @@ _WORKDIR = flags.DEFINE_string(
     'to evaluate the configured pretrained backbone (config.backbone.weights) '
     'as it is.')
 _PROTOCOL = flags.DEFINE_enum('protocol', 'episodes',
-                              ['episodes', 'omniglot_runs'],
-                              'Seeded test episodes, or Lake et al.\'s runs.')
+                              ['episodes', 'retrieval', 'omniglot_runs'],
+                              'Seeded test episodes; retrieval metrics over '
+                              'every image of the split (precision@1, '
+                              'R-precision, MAP@R, recall@K); or Lake et '
+                              'al.\'s runs.')
 _RUNS_DIR = flags.DEFINE_string('runs_dir', None,
                                 'Folder holding run01..run20 (omniglot_runs).')
 _SPLIT = flags.DEFINE_enum('split', 'test', ['test', 'val'], 'Split to test.')
@@ -56,11 +61,21 @@ def main(argv: Sequence[str]) -> None:
     experiment = builder.build(_CONFIG.value,
                                pretrained=_WORKDIR.value is None)
     result = evaluation.evaluate_workdir(experiment, _WORKDIR.value,
-                                         split=_SPLIT.value)
-    print(f"{result['ways']}-way {result['shots']}-shot {result['split']} "
-          f"accuracy {100 * result['accuracy']:.2f}% "
-          f"+- {100 * result['ci95']:.2f} (95% CI, {result['episodes']} "
-          f"episodes)")
+                                         split=_SPLIT.value,
+                                         protocol=_PROTOCOL.value)
+    if _PROTOCOL.value == 'retrieval':
+      recall = ', '.join(f'R@{k} {100 * v:.2f}'
+                         for k, v in result['recall_at_k'].items())
+      print(f"{result['split']} retrieval over {result['images']} images of "
+            f"{result['classes']} classes: MAP@R "
+            f"{100 * result['map_at_r']:.2f}, R-precision "
+            f"{100 * result['r_precision']:.2f}, precision@1 "
+            f"{100 * result['precision_at_1']:.2f}, {recall}")
+    else:
+      print(f"{result['ways']}-way {result['shots']}-shot {result['split']} "
+            f"accuracy {100 * result['accuracy']:.2f}% "
+            f"+- {100 * result['ci95']:.2f} (95% CI, {result['episodes']} "
+            f"episodes)")
   print(json.dumps(result))
 
 

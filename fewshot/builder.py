@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,9 +32,11 @@ from fewshot.data.batches import labelled_images
 from fewshot.data.sampling import EpisodeSpec
 from fewshot.evaluators.episodes import (FewShotLearner, feature_cache,
                                          few_shot_evaluator)
+from fewshot.evaluators.retrieval import Embedder, retrieval_evaluator
 from fewshot.experiment import Experiment
 from fewshot.features import FEATURE_ALGORITHMS
-from fewshot.objectives import OBJECTIVES, episodic, supervised
+from fewshot.objectives import OBJECTIVES, episodic, metric, supervised
+from fewshot.objectives.metric import embedder_params, metric_embedder
 from fewshot.optimizers import make_optimizer
 from fewshot.reports import ReportModel
 
@@ -87,8 +89,32 @@ def build_optimizer(config: ml_collections.ConfigDict
   return make_optimizer(num_steps=config.train.num_steps, **options)
 
 
-def _episodic(options, splits, backbone, algorithm, seed):
-  del backbone  # the algorithm holds it
+class _Built(NamedTuple):
+  """What an objective builder returns (see `_OBJECTIVE_BUILDERS`)."""
+  objective: Any
+  train_data: Any           # host arrays, placed by the harness
+  learner: FewShotLearner
+  initial: Callable[[], tuple[Any, Any]]
+  embedder: Embedder
+
+
+def _backbone_params(params):
+  return params['backbone']
+
+
+def _pretrained_learner(algorithm, train, embedder_of):
+  """The evaluating algorithm's own meta-parameters (e.g. ProtoNet's cosine
+  scale), with the trained network's in place of its random backbone."""
+  algorithm_params = dict(algorithm.init(
+      jax.random.key(0), jnp.asarray(train.images[:2]))[0])
+  algorithm_params.pop('backbone')
+  return FewShotLearner(
+      algorithm,
+      lambda params: {**algorithm_params, 'backbone': embedder_of(params)})
+
+
+def _episodic(options, splits, backbone, make_algorithm, seed):
+  algorithm = make_algorithm(backbone)
   spec = EpisodeSpec(options['ways'], options['shots'], options['queries'])
   data_lib.check_spec(spec, splits['train'].class_counts(),
                       splits['train'].class_names, 'meta-train split')
@@ -96,38 +122,50 @@ def _episodic(options, splits, backbone, algorithm, seed):
   learner = FewShotLearner(algorithm, lambda params: params)
   initial = lambda: algorithm.init(jax.random.key(seed),
                                    jnp.asarray(splits['test'].images[:2]))
-  return objective, data_lib.index_by_class(splits['train']), learner, initial
+  return _Built(objective, data_lib.index_by_class(splits['train']), learner,
+                initial, Embedder(backbone, _backbone_params))
 
 
-def _supervised(options, splits, backbone, algorithm, seed):
+def _supervised(options, splits, backbone, make_algorithm, seed):
   train = splits['train']
   if options['batch_size'] > len(train.images):
     raise ValueError(f'batch_size {options["batch_size"]} exceeds the '
                      f'{len(train.images)} training images.')
   objective = supervised(backbone, num_classes=train.num_classes, **options)
-  # The evaluating algorithm's own meta-parameters (e.g. ProtoNet's cosine
-  # scale), with the trained backbone's in place of its random ones.
-  algorithm_params = dict(algorithm.init(
-      jax.random.key(0), jnp.asarray(train.images[:2]))[0])
-  algorithm_params.pop('backbone')
-  learner = FewShotLearner(
-      algorithm,
-      lambda params: {**algorithm_params, 'backbone': params['backbone']})
+  learner = _pretrained_learner(make_algorithm(backbone), train,
+                                _backbone_params)
   data = labelled_images(train)
   initial = lambda: objective.init(jax.random.key(seed), data)[:2]
-  return objective, data, learner, initial
+  return _Built(objective, data, learner, initial,
+                Embedder(backbone, _backbone_params))
+
+
+def _metric(options, splits, backbone, make_algorithm, seed):
+  train = splits['train']
+  data_lib.check_class_balanced(
+      options['classes_per_batch'], options['images_per_class'],
+      train.class_counts(), train.class_names, 'training split')
+  objective = metric(backbone, num_classes=train.num_classes, **options)
+  embedder = metric_embedder(backbone, options.get('projection', 'linear'),
+                             options.get('embedding_dim'))
+  learner = _pretrained_learner(make_algorithm(embedder), train,
+                                embedder_params)
+  data = data_lib.index_by_class(train)
+  initial = lambda: objective.init(jax.random.key(seed), data)[:2]
+  return _Built(objective, data, learner, initial,
+                Embedder(embedder, embedder_params))
 
 
 # objective name -> (its factory's arguments that the builder supplies,
-#   (options, splits, backbone, algorithm, seed) -> (objective, training
-#   data on the host, few-shot learner, the configured model's parameters)).
+#   (options, splits, backbone, make_algorithm, seed) -> _Built).
 _OBJECTIVE_BUILDERS = {
     'episodic': ((), _episodic),
     'supervised': (('num_classes',), _supervised),
+    'metric': (('num_classes',), _metric),
 }
 
 
-def _build_objective(section, splits, backbone, algorithm, seed):
+def _build_objective(section, splits, backbone, make_algorithm, seed):
   options = dict(section)
   name = options.pop('name')
   if name not in OBJECTIVES or name not in _OBJECTIVE_BUILDERS:
@@ -149,7 +187,7 @@ def _build_objective(section, splits, backbone, algorithm, seed):
   if missing:
     raise ValueError(f'objective {name!r} needs {missing} in the config\'s '
                      'objective section.')
-  return build(options, splits, backbone, algorithm, seed)
+  return build(options, splits, backbone, make_algorithm, seed)
 
 
 def _eval_spec(config, splits, names) -> EpisodeSpec:
@@ -196,22 +234,25 @@ def build(config: ml_collections.ConfigDict, *,
   splits = load_splits(config.data, ('train', 'val', 'test') if has_objective
                        else ('train', 'test'))
   backbone = build_backbone(config.backbone, pretrained=pretrained)
-  algorithm = build_algorithm(config.algorithm, backbone)
+  make_algorithm = functools.partial(build_algorithm, config.algorithm)
   if has_objective:
     optimizer = build_optimizer(config)
-    objective, train_data, learner, initial = _build_objective(
-        config.objective, splits, backbone, algorithm, config.seed)
+    built = _build_objective(config.objective, splits, backbone,
+                             make_algorithm, config.seed)
   else:
-    objective = optimizer = train_data = None
-    learner = FewShotLearner(algorithm, lambda params: params)
-    initial = lambda: algorithm.init(
-        jax.random.key(config.seed), jnp.asarray(splits['test'].images[:2]))
+    optimizer = None
+    algorithm = make_algorithm(backbone)
+    built = _Built(
+        None, None, FewShotLearner(algorithm, lambda params: params),
+        lambda: algorithm.init(jax.random.key(config.seed),
+                               jnp.asarray(splits['test'].images[:2])),
+        Embedder(backbone, _backbone_params))
   eval_splits = [s for s in ('val', 'test') if s in splits]
   spec = _eval_spec(config, splits, eval_splits)
   evaluator = functools.partial(
-      few_shot_evaluator, learner, spec=spec,
+      few_shot_evaluator, built.learner, spec=spec,
       images_per_chunk=config.eval.images_per_chunk,
-      features=_feature_cache(config, backbone))
+      features=_feature_cache(config, built.embedder.backbone))
   evaluators = {split: evaluator(splits[split],
                                  num_episodes=config.eval.num_episodes,
                                  key=jax.random.key(config.eval.seed))
@@ -220,13 +261,19 @@ def build(config: ml_collections.ConfigDict, *,
   if has_objective:
     validate = evaluator(splits['val'], num_episodes=config.eval.val_episodes,
                          key=jax.random.key(config.eval.seed + 1))
+  retrieval = {split: functools.partial(
+      retrieval_evaluator, built.embedder, splits[split],
+      distance=config.eval.get('retrieval_distance', 'cosine'),
+      batch_size=config.eval.get('feature_batch_size', 256))
+               for split in eval_splits}
   info = dict(algorithm=config.algorithm.name, backbone=config.backbone.name,
               weights=config.backbone.get('weights'),
               norm=config.backbone.get('norm'))
-  return Experiment(objective=objective, optimizer=optimizer,
-                    train_data=train_data, learner=learner, validate=validate,
-                    evaluators=evaluators, initial=initial, seed=config.seed,
-                    info=info)
+  return Experiment(objective=built.objective, optimizer=optimizer,
+                    train_data=built.train_data, learner=built.learner,
+                    validate=validate, evaluators=evaluators,
+                    initial=built.initial, seed=config.seed, info=info,
+                    embedder=built.embedder, retrieval=retrieval)
 
 
 def _report_model(section: ml_collections.ConfigDict):

@@ -78,14 +78,54 @@ def eval_section(**overrides: Any) -> dict[str, Any]:
   section = dict(ways=5, shots=1, queries=15, num_episodes=600,
                  val_episodes=300, images_per_chunk=2048, seed=2017,
                  test_at_end=True)
-  unknown = sorted(set(overrides) - set(section) -
-                   {'precompute_features', 'feature_batch_size'})
+  optional = ('precompute_features', 'feature_batch_size',
+              'retrieval_distance')
+  unknown = sorted(set(overrides) - set(section) - set(optional))
   if unknown:
     raise ValueError(f'Unknown eval setting(s) {unknown}; known: '
-                     f'{sorted(section)}, precompute_features, '
-                     'feature_batch_size.')
+                     f'{sorted(section)}, {", ".join(optional)}.')
   section.update(overrides)
   return section
 
 
-__all__ = ['data_section', 'eval_section', 'parse_arg']
+# loss -> (its options, miner, the miner's options): the recipes the metric
+# configs start from (pytorch-metric-learning's defaults and examples).
+METRIC_RECIPES = {
+    'contrastive': ({}, None, {}),
+    'triplet': (dict(margin=0.2), 'semihard', dict(margin=0.2)),
+    'multi_similarity': ({}, 'multi_similarity', dict(epsilon=0.1)),
+    'ntxent': (dict(temperature=0.07), None, {}),
+    'supcon': (dict(temperature=0.1), None, {}),
+    'proxy_nca': (dict(softmax_scale=10.0), None, {}),
+    'proxy_anchor': (dict(margin=0.1, alpha=32.0), None, {}),
+    'normface': (dict(temperature=0.05), None, {}),
+    'cosface': (dict(margin=0.35, scale=64.0), None, {}),
+    'arcface': (dict(margin=28.6, scale=64.0), None, {}),
+    'subcenter_arcface': (dict(margin=28.6, scale=64.0, sub_centers=3), None,
+                          {}),
+}
+
+
+def metric_objective(loss: str, miner: str | None = None, **options: Any
+                     ) -> dict[str, Any]:
+  """A `metric` objective section from `METRIC_RECIPES[loss]`.
+
+  `miner` None takes the recipe's miner, 'none' mines nothing; `options`
+  are the objective's other settings (classes_per_batch, ...).
+  """
+  if loss not in METRIC_RECIPES:
+    raise ValueError(f'Unknown metric loss {loss!r}; known: '
+                     f'{sorted(METRIC_RECIPES)}.')
+  loss_options, recipe_miner, miner_options = METRIC_RECIPES[loss]
+  if miner is None:
+    miner = recipe_miner
+  elif miner == 'none':
+    miner = None
+  if miner != recipe_miner:
+    miner_options = {}
+  return dict(name='metric', loss=loss, loss_options=dict(loss_options),
+              miner=miner, miner_options=dict(miner_options), **options)
+
+
+__all__ = ['METRIC_RECIPES', 'data_section', 'eval_section',
+           'metric_objective', 'parse_arg']

@@ -8,6 +8,7 @@ import optax
 
 from fewshot.backbones.base import ModelState, Params
 from fewshot.evaluators.episodes import Evaluator, FewShotLearner
+from fewshot.evaluators.retrieval import Embedder
 from fewshot.objectives.base import Objective
 
 
@@ -27,6 +28,10 @@ class Experiment(NamedTuple):
       before any training (pretrained weights where configured).
     seed: the run's seed.
     info: what evaluation results are labelled with.
+    embedder: how the trained parameters embed images (the backbone, with
+      a metric run's projection head).
+    retrieval: `{'val', 'test'}` -> `() -> Evaluator` of retrieval metrics
+      over every image of the split (built when called: it embeds them all).
   """
   objective: Objective | None
   optimizer: optax.GradientTransformation | None
@@ -37,6 +42,8 @@ class Experiment(NamedTuple):
   initial: Callable[[], tuple[Params, ModelState]]
   seed: int
   info: dict[str, Any]
+  embedder: Embedder | None = None
+  retrieval: dict[str, Callable[[], Evaluator]] | None = None
 
 
 __all__ = ['Experiment']

@@ -7,8 +7,10 @@ from typing import Any
 from fewshot._utils import check_options
 from fewshot.data.dataset import ClassDataset
 from fewshot.data.sampling import (DeviceDataset, EpisodeSpec, HostSampler,
-                                   check_spec, index_by_class, sample_episode,
-                                   sample_meta_batch, to_device)
+                                   check_class_balanced, check_spec,
+                                   index_by_class, sample_class_balanced,
+                                   sample_episode, sample_meta_batch,
+                                   to_device)
 
 
 def load_splits(name: str, **kwargs: Any) -> dict[str, ClassDataset]:
@@ -35,7 +37,8 @@ def load_splits(name: str, **kwargs: Any) -> dict[str, ClassDataset]:
 
 __all__ = [
     'ClassDataset', 'DeviceDataset', 'EpisodeSpec', 'HostSampler',
-    'check_spec', 'index_by_class', 'load_splits', 'sample_episode',
+    'check_class_balanced', 'check_spec', 'index_by_class',
+    'sample_class_balanced', 'load_splits', 'sample_episode',
     'sample_meta_batch',
     'to_device',
 ]

@@ -100,6 +100,27 @@ def check_spec(spec: EpisodeSpec, class_counts: np.ndarray,
         f'only {class_counts[smallest]} images.')
 
 
+def _draw_classes_and_images(key: jax.Array, data: DeviceDataset,
+                             num_classes: int, per_class: int
+                             ) -> tuple[jax.Array, jax.Array]:
+  """`num_classes` distinct classes and `per_class` distinct images of each.
+
+  Returns `class_ids [N]` and indices into `data.images` `[N, per_class]`.
+  """
+  class_key, image_key = jax.random.split(key)
+  class_ids = jax.random.choice(class_key, data.num_classes, (num_classes,),
+                                replace=False).astype(jnp.int32)
+  counts = data.class_counts[class_ids]                       # [N]
+  width = data.class_index.shape[1]
+  # A random permutation of each class's valid positions: sort random keys,
+  # pushing padding positions to the end.
+  scores = jax.random.uniform(image_key, (num_classes, width))
+  scores = jnp.where(jnp.arange(width)[None, :] < counts[:, None], scores, 2.)
+  _, positions = jax.lax.top_k(-scores, per_class)            # [N, per_class]
+  chosen = jnp.take_along_axis(data.class_index[class_ids], positions, axis=1)
+  return class_ids, chosen
+
+
 def sample_episode(key: jax.Array, data: DeviceDataset,
                    spec: EpisodeSpec) -> Episode:
   """Draws one episode: N distinct classes, K + Q distinct images of each.
@@ -112,17 +133,7 @@ def sample_episode(key: jax.Array, data: DeviceDataset,
     images (uint8), in class-major order.
   """
   n, k, q = spec.num_ways, spec.num_shots, spec.num_queries
-  class_key, image_key = jax.random.split(key)
-  class_ids = jax.random.choice(class_key, data.num_classes, (n,),
-                                replace=False).astype(jnp.int32)
-  counts = data.class_counts[class_ids]                       # [N]
-  width = data.class_index.shape[1]
-  # A random permutation of each class's valid positions: sort random keys,
-  # pushing padding positions to the end.
-  scores = jax.random.uniform(image_key, (n, width))
-  scores = jnp.where(jnp.arange(width)[None, :] < counts[:, None], scores, 2.)
-  _, positions = jax.lax.top_k(-scores, k + q)                # [N, K+Q]
-  chosen = jnp.take_along_axis(data.class_index[class_ids], positions, axis=1)
+  class_ids, chosen = _draw_classes_and_images(key, data, n, k + q)
   support_index = chosen[:, :k].reshape(-1)
   query_index = chosen[:, k:].reshape(-1)
   return Episode(
@@ -132,6 +143,44 @@ def sample_episode(key: jax.Array, data: DeviceDataset,
       query_labels=episode_labels(n, q),
       class_ids=class_ids,
       num_ways=n)
+
+
+def check_class_balanced(classes_per_batch: int, images_per_class: int,
+                         class_counts: np.ndarray, class_names=None,
+                         split: str = 'dataset') -> None:
+  """Raises a clear error if P x K batches cannot be drawn from these classes."""
+  class_counts = np.asarray(class_counts)
+  for name, value in (('classes_per_batch', classes_per_batch),
+                      ('images_per_class', images_per_class)):
+    if value < 1:
+      raise ValueError(f'{name} must be >= 1, got {value}.')
+  if classes_per_batch > len(class_counts):
+    raise ValueError(f'classes_per_batch={classes_per_batch} (P) exceeds the '
+                     f'{len(class_counts)} classes of the {split}.')
+  smallest = int(np.argmin(class_counts))
+  if class_counts[smallest] < images_per_class:
+    name = class_names[smallest] if class_names is not None else smallest
+    raise ValueError(
+        f'images_per_class={images_per_class} (K) exceeds the '
+        f'{class_counts[smallest]} images of class {name!r} of the {split}.')
+
+
+def sample_class_balanced(key: jax.Array, data: DeviceDataset,
+                          classes_per_batch: int, images_per_class: int
+                          ) -> tuple[jax.Array, jax.Array]:
+  """A P x K batch: P distinct classes, K distinct images of each.
+
+  The device-side analogue of pytorch-metric-learning's `MPerClassSampler`;
+  pure and jit-able (`check_class_balanced` first).
+
+  Returns:
+    `images [P*K, H, W, C]` (class-major) and their dataset class ids
+    `labels [P*K]` int32.
+  """
+  class_ids, chosen = _draw_classes_and_images(key, data, classes_per_batch,
+                                               images_per_class)
+  labels = jnp.repeat(class_ids, images_per_class)
+  return data.images[chosen.reshape(-1)], labels
 
 
 def sample_meta_batch(key: jax.Array, data: DeviceDataset, spec: EpisodeSpec,

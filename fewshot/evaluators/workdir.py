@@ -22,9 +22,14 @@ def restore(experiment: Experiment, workdir: str) -> tuple[Any, Any, int]:
   return state.params, state.model_state, int(state.step)
 
 
+PROTOCOLS = ('episodes', 'retrieval')
+
+
 def evaluate_workdir(experiment: Experiment, workdir: str | None, *,
-                     split: str = 'test') -> dict[str, Any]:
-  """Accuracy and 95% CI of a model on the seeded episodes of `split`.
+                     split: str = 'test', protocol: str = 'episodes'
+                     ) -> dict[str, Any]:
+  """Accuracy and 95% CI of a model on the seeded episodes of `split`, or
+  its retrieval metrics over every image of `split` (`protocol`).
 
   The model is the latest checkpoint of `workdir`, or with `workdir=None`
   the configured model as built from its `backbone.weights` (a pretrained
@@ -32,12 +37,18 @@ def evaluate_workdir(experiment: Experiment, workdir: str | None, *,
   model evaluated with the same `eval` settings sees the same episodes.
 
   Returns:
-    The evaluator's summary (`accuracy`, `ci95`, `episodes`, ways, shots,
-    queries, seconds) with `split`, `step` and the experiment's `info`.
+    The evaluator's summary (episodes: `accuracy`, `ci95`, `episodes`,
+    ways, shots, queries; retrieval: `precision_at_1`, `r_precision`,
+    `map_at_r`, `recall_at_k`, `images`, `classes`; both: `seconds`) with
+    `split`, `step`, `protocol` and the experiment's `info`.
   """
+  if protocol not in PROTOCOLS:
+    raise ValueError(f'Unknown protocol {protocol!r}; known: {PROTOCOLS}.')
   if split not in experiment.evaluators:
     raise ValueError(f'No {split!r} split to evaluate; the dataset has '
                      f'{sorted(experiment.evaluators)}.')
+  if protocol == 'retrieval' and not experiment.retrieval:
+    raise ValueError('This experiment has no retrieval evaluation.')
   info = dict(experiment.info)
   if workdir is None:
     if not info.get('weights'):
@@ -49,8 +60,12 @@ def evaluate_workdir(experiment: Experiment, workdir: str | None, *,
   else:
     params, model_state, step = restore(experiment, workdir)
     info['weights'] = workdir
-  result = experiment.evaluators[split](params, model_state)
-  result.update(split=split, step=step, **info)
+  if protocol == 'retrieval':
+    evaluate = experiment.retrieval[split]()
+  else:
+    evaluate = experiment.evaluators[split]
+  result = evaluate(params, model_state)
+  result.update(split=split, step=step, protocol=protocol, **info)
   return result
 
 
@@ -66,4 +81,5 @@ def evaluate_omniglot_runs(experiment: Experiment, workdir: str,
   return result
 
 
-__all__ = ['evaluate_omniglot_runs', 'evaluate_workdir', 'restore']
+__all__ = ['PROTOCOLS', 'evaluate_omniglot_runs', 'evaluate_workdir',
+           'restore']

@@ -9,12 +9,14 @@ result. A new objective is a new file with a factory returning an
 from fewshot.objectives.base import (Objective, TrainState, init_state,
                                      make_train_step)
 from fewshot.objectives.episodic import episodic
+from fewshot.objectives.metric import metric
 from fewshot.objectives.supervised import supervised
 
 OBJECTIVES = {
     'episodic': episodic,
+    'metric': metric,
     'supervised': supervised,
 }
 
 __all__ = ['OBJECTIVES', 'Objective', 'TrainState', 'episodic',
-           'init_state', 'make_train_step', 'supervised']
+           'init_state', 'make_train_step', 'metric', 'supervised']

@@ -1,0 +1,60 @@
+"""Retrieval evaluation of any model's embedding on a split's images."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, NamedTuple
+
+import jax
+import numpy as np
+
+from fewshot.backbones.base import Backbone, ModelState, Params
+from fewshot.data.dataset import ClassDataset
+from fewshot.features import extract_features
+from fewshot.metric.distances import Distance
+from fewshot.metric.retrieval import RECALL_KS, retrieval_metrics
+
+
+class Embedder(NamedTuple):
+  """How a trained state embeds images: `backbone` with `params(trained)`.
+
+  For a metric-learning run, the backbone and its projection head; for any
+  other run, its backbone.
+  """
+  backbone: Backbone
+  params: Callable[[Params], Params]
+
+
+def retrieval_evaluator(embedder: Embedder, dataset: ClassDataset, *,
+                        distance: str = 'cosine', batch_size: int = 256,
+                        recall_ks: tuple[int, ...] = RECALL_KS
+                        ) -> Callable[[Params, ModelState], dict[str, Any]]:
+  """`evaluate(params, model_state) -> metrics` over every image of `dataset`.
+
+  Each image queries all the others (`fewshot.metric.retrieval`); the
+  result has `precision_at_1`, `r_precision`, `map_at_r`, `recall_at_k`,
+  `images`, `classes`, `distance` and `seconds`.
+  """
+  counts = dataset.class_counts()
+  if counts.max() < 2:
+    raise ValueError('Retrieval needs a class with at least two images; '
+                     'every class of this split has one.')
+  embed = jax.jit(lambda params, model_state, images: extract_features(
+      embedder.backbone, embedder.params(params), model_state, images,
+      batch_size=batch_size))
+  measure = Distance(distance, normalize=False)
+
+  def run(params: Params, model_state: ModelState) -> dict[str, Any]:
+    start = time.time()
+    embeddings = embed(params, model_state, dataset.images)
+    result = retrieval_metrics(embeddings, np.asarray(dataset.labels),
+                               distance=measure, recall_ks=recall_ks)
+    return dict(result, images=int(len(dataset.labels)),
+                classes=int(np.sum(counts > 0)), distance=distance,
+                embedding_dim=int(embeddings.shape[-1]),
+                seconds=round(time.time() - start, 2))
+
+  return run
+
+
+__all__ = ['Embedder', 'retrieval_evaluator']
