@@ -19,6 +19,8 @@ The config argument is a comma-separated list of `key=value` overrides:
   embedding_dim    the linear projection's size (default 128);
   projection       none, linear or mlp (default linear);
   steps, decay_every, lr   the optimizer (default 10,000 / 2,500 / 1e-3);
+  loss_rate        learning-rate multiplier of the loss's proxies or class
+                   weights (default 1);
   shift            random translation of every training image by up to this
                    many pixels, edge-padded (default 2, as ProtoNet's config);
   ways, shots      the evaluation episodes (default 5-way 1-shot).
@@ -35,7 +37,8 @@ from fewshot.config_args import (data_section, eval_section, metric_objective,
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = parse_arg(arg, loss='triplet', miner=str, classes=32, per_class=4,
                    embedding_dim=128, projection='linear', steps=10000,
-                   decay_every=2500, lr=1e-3, shift=2, ways=5, shots=1)
+                   decay_every=2500, lr=1e-3, loss_rate=1.0, shift=2, ways=5,
+                   shots=1)
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.data = data_section('omniglot', image_size=28, rotations=True)
@@ -48,6 +51,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       augment=dict(crop_padding=args.shift, pad_mode='edge'))
   config.optimizer = dict(name='adam', learning_rate=args.lr, schedule='step',
                           decay_every=args.decay_every, decay_factor=0.5)
+  if args.loss_rate != 1.0:  # proxies / class weights train this much faster
+    config.optimizer.rate_multipliers = dict(loss=args.loss_rate)
   config.train = dict(num_steps=args.steps, log_every=100, eval_every=1000,
                       checkpoint_every_steps=1000, checkpoint_every_secs=300,
                       max_checkpoints=3)

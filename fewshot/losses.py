@@ -29,15 +29,18 @@ def query_logits(algorithm: Algorithm, meta_params: MetaParams,
 def episode_loss(algorithm: Algorithm, meta_params: MetaParams,
                  model_state: ModelState, episode: Episode, key: jax.Array,
                  train: bool = True) -> tuple[jax.Array, tuple[Metrics, Any]]:
-  """Mean query cross-entropy of one episode.
+  """Mean query cross-entropy of one episode (or the algorithm's `query_loss`).
 
   Returns:
     `(loss, (metrics, model_state))` with metrics `loss` and `accuracy`.
   """
   logits, model_state = query_logits(algorithm, meta_params, model_state,
                                      episode, key, train)
-  loss = optax.softmax_cross_entropy_with_integer_labels(
-      logits, episode.query_labels).mean()
+  if algorithm.query_loss is not None:
+    loss = algorithm.query_loss(logits, episode.query_labels)
+  else:
+    loss = optax.softmax_cross_entropy_with_integer_labels(
+        logits, episode.query_labels).mean()
   accuracy = jnp.mean(jnp.argmax(logits, axis=-1) == episode.query_labels)
   return loss, ({'loss': loss, 'accuracy': accuracy}, model_state)
 

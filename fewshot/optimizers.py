@@ -8,7 +8,7 @@ probes) are configured with.
 
 from __future__ import annotations
 
-from typing import Callable, Union
+from typing import Callable, Mapping, Union
 
 import jax
 import optax
@@ -84,7 +84,8 @@ def make_optimizer(*, name: str = 'adam', learning_rate: float = 1e-3,
                    decay_factor: float = 0.5, warmup_steps: int = 0,
                    num_steps: int = 1, decay_start: int = 0,
                    weight_decay: float = 0.0,
-                   clip_norm: float | None = None
+                   clip_norm: float | None = None,
+                   rate_multipliers: Mapping[str, float] | None = None
                    ) -> optax.GradientTransformation:
   """A training run's optimizer: 'adam', 'adamw' or 'sgd' (momentum 0.9).
 
@@ -102,6 +103,9 @@ def make_optimizer(*, name: str = 'adam', learning_rate: float = 1e-3,
   and 'adam' add `weight_decay * params` to the gradient, as PyTorch's
   `weight_decay` does, except to a cosine head's `log_scale` (decay would
   pull the scale to 1). `clip_norm` clips the gradient's global norm first.
+  `rate_multipliers` scales the updates of top-level parameter groups, e.g.
+  `{'loss': 100.0}` for a metric loss's proxies (Kim et al. 2020 train
+  Proxy-Anchor's proxies 100x faster); it adds no optimizer state.
   """
   lr = _schedule(learning_rate, schedule, decay_every, decay_factor,
                  warmup_steps, num_steps, decay_start)
@@ -121,7 +125,32 @@ def make_optimizer(*, name: str = 'adam', learning_rate: float = 1e-3,
   if weight_decay and name != 'adamw':
     tx = optax.chain(
         optax.add_decayed_weights(weight_decay, mask=_not_log_scale), tx)
+  if rate_multipliers:
+    tx = optax.chain(tx, _scale_groups(dict(rate_multipliers)))
   return tx
+
+
+def _scale_groups(multipliers: dict[str, float]
+                  ) -> optax.GradientTransformation:
+  """Multiplies the updates of `params[group]` by `multipliers[group]`."""
+
+  def check(tree):
+    missing = sorted(set(multipliers) - set(tree))
+    if missing:
+      raise ValueError(f'rate_multipliers names {missing}, which the '
+                       f'parameters do not have; they have {sorted(tree)}.')
+
+  def init(params):
+    check(params)
+    return optax.EmptyState()
+
+  def update(updates, state, params=None):
+    del params
+    check(updates)
+    return {k: jax.tree.map(lambda u, m=multipliers.get(k, 1.0): u * m, v)
+            for k, v in updates.items()}, state
+
+  return optax.GradientTransformation(init, update)
 
 
 __all__ = ['INNER_OPTIMIZERS', 'InnerOptimizer', 'inner_optimizer',

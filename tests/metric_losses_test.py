@@ -335,3 +335,16 @@ def test_bad_names_and_options_are_named():
     metric.metric_loss('triplet', distance='manhattan')
   with pytest.raises(ValueError, match='no distance option'):
     metric.metric_loss('arcface', distance='cosine')
+
+
+def test_every_config_recipe_builds_its_loss():
+  from fewshot.config_args import METRIC_RECIPES, metric_objective  # pylint: disable=g-import-not-at-top
+  assert sorted(METRIC_RECIPES) == sorted(metric.LOSSES)
+  for name in METRIC_RECIPES:
+    section = metric_objective(name)
+    loss = metric.metric_loss(section['loss'], miner=section['miner'],
+                              miner_options=section['miner_options'],
+                              **section['loss_options'])
+    assert loss.name.startswith(name)
+  assert metric_objective('triplet', 'none')['miner'] is None
+  assert metric_objective('triplet', 'batch_hard')['miner_options'] == {}

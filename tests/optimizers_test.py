@@ -2,6 +2,7 @@
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -76,3 +77,21 @@ def test_weight_decay_comes_before_clipping():
   updates, _ = tx.update(jax.tree.map(np.zeros_like, params), tx.init(params),
                          params)
   np.testing.assert_allclose(np.linalg.norm(updates['w']), 0.1, rtol=1e-5)
+
+
+def test_rate_multipliers_scale_one_group_and_add_no_state():
+  params = {'backbone': jnp.ones(3), 'loss': {'proxies': jnp.ones((2, 2))}}
+  grads = jax.tree.map(jnp.ones_like, params)
+  plain = optimizers.make_optimizer(name='sgd', learning_rate=0.1)
+  scaled = optimizers.make_optimizer(name='sgd', learning_rate=0.1,
+                                     rate_multipliers={'loss': 100.0})
+  plain_updates, _ = plain.update(grads, plain.init(params), params)
+  scaled_updates, _ = scaled.update(grads, scaled.init(params), params)
+  np.testing.assert_allclose(scaled_updates['backbone'],
+                             plain_updates['backbone'])
+  np.testing.assert_allclose(scaled_updates['loss']['proxies'],
+                             100 * plain_updates['loss']['proxies'])
+  assert not jax.tree.leaves(scaled.init(params)[1])
+  with pytest.raises(ValueError, match=r"names \['head'\].*\['backbone', "
+                     "'loss'\\]"):
+    optimizers.make_optimizer(rate_multipliers={'head': 2.0}).init(params)

@@ -4,11 +4,15 @@ from fewshot.algorithms.base import Algorithm
 from fewshot.algorithms.baselines import (baseline_pp, fine_tune, linear_probe,
                                           simpleshot)
 from fewshot.algorithms.maml import anil, fomaml, maml, metasgd, proto_maml
+from fewshot.algorithms.matching import matching_net
 from fewshot.algorithms.protonet import protonet
+from fewshot.algorithms.relation import relation_net
 
 # name -> factory(backbone, **config.algorithm); grep-able, no import magic.
 ALGORITHMS = {
     'protonet': protonet,
+    'matching_net': matching_net,
+    'relation_net': relation_net,
     'maml': maml,
     'fomaml': fomaml,
     'anil': anil,
@@ -21,5 +25,5 @@ ALGORITHMS = {
 }
 
 __all__ = ['ALGORITHMS', 'Algorithm', 'anil', 'baseline_pp', 'fine_tune',
-           'fomaml', 'linear_probe', 'maml', 'metasgd', 'proto_maml',
-           'protonet', 'simpleshot']
+           'fomaml', 'linear_probe', 'maml', 'matching_net', 'metasgd',
+           'proto_maml', 'protonet', 'relation_net', 'simpleshot']

@@ -21,6 +21,8 @@ AdaptFn = Callable[[MetaParams, ModelState, Episode, jax.Array, bool],
 #   -> (logits [B, N], model_state)
 PredictFn = Callable[[MetaParams, ModelState, TaskParams, jax.Array, bool],
                      tuple[jax.Array, ModelState]]
+# (logits [B, N], labels [B]) -> mean loss
+QueryLossFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 class Algorithm(NamedTuple):
@@ -29,8 +31,11 @@ class Algorithm(NamedTuple):
   Batch over the tasks of a meta-batch with `jax.vmap`; `fewshot.losses`
   holds the one generic loss that every algorithm is trained with.
   `model_state` carries non-trainable state (BatchNorm running averages); it
-  is only changed when `train` is True.
+  is only changed when `train` is True. `query_loss` replaces the query
+  cross-entropy where a method trains with another loss (relation networks'
+  squared error); accuracy is always the argmax of the logits.
   """
   init: InitFn
   adapt: AdaptFn
   predict: PredictFn
+  query_loss: QueryLossFn | None = None

@@ -102,6 +102,10 @@ class Conv4(nn.Module):
     norm: 'batch' (batch statistics in training and evaluation, transductive,
       no running state), 'batch_running' (batch statistics in training,
       running averages in evaluation), or 'none' (conv bias, no norm).
+    num_blocks: conv blocks.
+    pooled_blocks: how many of the first blocks end with the 2x2 max-pool
+      (None: all). Relation networks use 4 blocks with 2 pooled, keeping
+      7x7 feature maps of 28x28 images (Sung et al. 2018).
 
   Each block's norm, ReLU and pool run as one `affine_relu_max_pool` on the
   pooled tensor (same values as norm -> ReLU -> pool, a quarter of the work).
@@ -109,6 +113,7 @@ class Conv4(nn.Module):
   filters: int = 64
   norm: str = 'batch'
   num_blocks: int = 4
+  pooled_blocks: int | None = None
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
@@ -117,14 +122,20 @@ class Conv4(nn.Module):
     if images.ndim != 4:
       raise ValueError(f'Conv4 expects images [B, H, W, C], got {images.shape}.')
     x = scale_images(images)
+    pooled = self.num_blocks if self.pooled_blocks is None else self.pooled_blocks
     for block in range(self.num_blocks):
+      pool = block < pooled
       x = layers.Conv(self.filters, use_bias=self.norm == 'none',
                       name=f'conv{block}')(x)
       if self.norm == 'none':
-        x = nn.relu(layers.max_pool_2x2(x))
+        x = nn.relu(layers.max_pool_2x2(x) if pool else x)
         continue
       multiplier, offset = BatchNormAffine(
           running=self.norm == 'batch_running', name=f'norm{block}')(
               x, use_running_average=not train)
-      x = ops.affine_relu_max_pool(x, multiplier, offset)
+      if pool:
+        x = ops.affine_relu_max_pool(x, multiplier, offset)
+      else:
+        x = nn.relu(x * multiplier[None, None, None, :]
+                    + offset[None, None, None, :])
     return x.reshape(x.shape[0], -1)

@@ -1,0 +1,142 @@
+"""The metric objective: P x K batches, training through the harness with
+the loss's parameters in the state, exact resume, retrieval of workdirs."""
+
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from fewshot import builder
+from fewshot import harness
+from fewshot.checkpoint import Checkpointer
+from fewshot.data import sampling, synthetic
+from fewshot.evaluators import workdir as evaluation
+from fewshot.objectives import init_state
+from helpers import killed_after_checkpoint, load_config
+
+
+def _config(arg='loss=proxy_anchor', steps=4):
+  config = load_config('metric_synthetic', f'{arg},steps={steps},classes=4,'
+                       'per_class=3')
+  config.backbone.filters = 8
+  config.train.log_every = 2
+  config.train.eval_every = 100
+  config.train.checkpoint_every_steps = 2
+  config.eval.test_at_end = False
+  config.eval.val_episodes = 4
+  config.eval.num_episodes = 10
+  return config
+
+
+def test_class_balanced_batches_hold_p_classes_of_k_distinct_images():
+  dataset = synthetic.synthetic_splits(num_classes=(9, 2, 2),
+                                       images_per_class=7,
+                                       image_size=4)['train']
+  # Each image's pixels encode its index, so drawn images can be traced.
+  images = np.arange(len(dataset.labels), dtype=np.uint8)[:, None, None, None]
+  data = sampling.index_by_class(dataset)
+  data = sampling.DeviceDataset(
+      images=np.broadcast_to(images, (len(images), 4, 4, 1)).copy(),
+      class_index=data.class_index, class_counts=data.class_counts)
+  draw = jax.jit(sampling.sample_class_balanced, static_argnums=(2, 3))
+  batch_images, labels = draw(jax.random.key(3), data, 5, 4)
+  index = np.asarray(batch_images)[:, 0, 0, 0]
+  labels = np.asarray(labels)
+  assert labels.shape == (20,) and len(set(labels.tolist())) == 5
+  np.testing.assert_array_equal(np.asarray(dataset.labels)[index], labels)
+  assert len(set(index.tolist())) == 20  # K distinct images of each class
+  np.testing.assert_array_equal(labels, np.repeat(labels[::4], 4))
+  again, _ = draw(jax.random.key(3), data, 5, 4)
+  np.testing.assert_array_equal(again, batch_images)
+  with pytest.raises(ValueError, match=r'classes_per_batch=10 \(P\) exceeds '
+                     'the 9 classes'):
+    sampling.check_class_balanced(10, 2, dataset.class_counts())
+  with pytest.raises(ValueError, match=r'images_per_class=8 \(K\) exceeds the '
+                     '7 images'):
+    sampling.check_class_balanced(2, 8, dataset.class_counts())
+
+
+@pytest.fixture(scope='module')
+def straight_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('metric')
+  config = _config()
+  results = harness.train_and_evaluate(config, str(workdir))
+  return config, workdir, results
+
+
+def _restored(config, workdir):
+  experiment = builder.build(config)
+  state = init_state(experiment.objective, experiment.optimizer,
+                     experiment.train_data, config.seed)
+  checkpointer = Checkpointer(pathlib.Path(workdir) / 'checkpoints')
+  restored, _ = checkpointer.restore(jax.eval_shape(lambda: state))
+  checkpointer.close()
+  return state, restored
+
+
+def test_loss_parameters_train_and_a_killed_run_resumes_exactly(
+    straight_run, tmp_path, monkeypatch):
+  config, straight_dir, results = straight_run
+  assert results['step'] == 4 and 0 <= results['val']['accuracy'] <= 1
+  initial, straight = _restored(config, straight_dir)
+  proxies = straight.params['loss']['proxies']
+  assert proxies.shape == (30, 16)  # training classes x embedding_dim
+  assert not np.allclose(proxies, initial.params['loss']['proxies'])
+  assert straight.params['projection']['output']['kernel'].shape[-1] == 16
+  killed_after_checkpoint(monkeypatch, 2, lambda: harness.train_and_evaluate(
+      config, str(tmp_path)))
+  assert harness.train_and_evaluate(config, str(tmp_path))['step'] == 4
+  _, resumed = _restored(config, tmp_path)
+  jax.tree.map(np.testing.assert_array_equal,
+               (straight.params, straight.model_state, straight.opt_state),
+               (resumed.params, resumed.model_state, resumed.opt_state))
+
+
+def test_retrieval_and_episodes_evaluate_the_trained_embedding(straight_run):
+  config, workdir, _ = straight_run
+  experiment = builder.build(config, pretrained=False)
+  result = evaluation.evaluate_workdir(experiment, str(workdir),
+                                       protocol='retrieval')
+  assert result['images'] == 200 and result['classes'] == 10
+  assert result['embedding_dim'] == 16 and result['step'] == 4
+  assert 0 < result['map_at_r'] <= result['r_precision'] <= 1
+  assert set(result['recall_at_k']) == {'1', '2', '4', '8'}
+  assert result['recall_at_k']['1'] == result['precision_at_1']
+  episodes = evaluation.evaluate_workdir(experiment, str(workdir))
+  assert episodes['episodes'] == 10 and 0 < episodes['accuracy'] <= 1
+
+
+def test_retrieval_evaluates_a_protonet_workdir(tmp_path):
+  config = load_config('protonet_synthetic', 'steps=2')
+  config.backbone.filters = 8
+  config.eval.test_at_end = False
+  config.train.eval_every = 100
+  config.train.checkpoint_every_steps = 2
+  harness.train_and_evaluate(config, str(tmp_path))
+  result = evaluation.evaluate_workdir(builder.build(config), str(tmp_path),
+                                       protocol='retrieval')
+  # The backbone's own features: Conv-4 with 8 filters ends at 1x1x8.
+  assert result['images'] == 200 and result['embedding_dim'] == 8
+
+
+@pytest.mark.parametrize('arg, error', [
+    ('loss=trplet', "Unknown metric loss 'trplet'; known:"),
+    ('loss=triplet,miner=hardest', "Unknown miner 'hardest'; known:"),
+    ('loss=arcface,miner=batch_hard', 'miners apply to the pair'),
+])
+def test_bad_losses_and_miners_are_named(arg, error):
+  with pytest.raises(ValueError, match=error):
+    builder.build(_config(arg))
+
+
+def test_batches_larger_than_the_split_are_refused():
+  config = _config()
+  config.objective.classes_per_batch = 31
+  with pytest.raises(ValueError, match=r'\(P\) exceeds the 30 classes of the '
+                     'training split'):
+    builder.build(config)
+  config = _config()
+  config.objective.images_per_class = 21
+  with pytest.raises(ValueError, match=r'\(K\) exceeds the 20 images'):
+    builder.build(config)
