@@ -18,7 +18,8 @@ def load_splits(name: str, **kwargs: Any) -> dict[str, ClassDataset]:
 
   Names: 'omniglot' (background alphabets -> evaluation alphabets),
   'tiny_imagenet' (the committed 120/40/40 class split), 'synthetic'
-  (generated). kwargs go to the loader (`data_dir`, `manual_dir`,
+  (generated), 'folder' (your own `root/<class>/*.png|jpg` or a zip of it;
+  `fewshot.data.folders.folder_splits`). kwargs go to the loader (`data_dir`, `manual_dir`,
   `image_size`, ...).
   """
   # Imported lazily: the TFDS-backed loaders are heavy and optional.
@@ -28,9 +29,11 @@ def load_splits(name: str, **kwargs: Any) -> dict[str, ClassDataset]:
     from fewshot.data.tiny_imagenet import tiny_imagenet_splits as loader
   elif name == 'synthetic':
     from fewshot.data.synthetic import synthetic_splits as loader
+  elif name == 'folder':
+    from fewshot.data.folders import folder_splits as loader
   else:
     raise ValueError(f'Unknown dataset {name!r}; known: omniglot, '
-                     'tiny_imagenet, synthetic.')
+                     'tiny_imagenet, synthetic, folder.')
   check_options(loader, kwargs, f'dataset {name!r}')
   return loader(**kwargs)
 
