@@ -289,7 +289,8 @@ _NOTHING_TO_LEARN = ('triplet', 'triplet+batch_hard', 'triplet+semihard',
 
 
 @pytest.mark.parametrize('case', ['no_positive_pair', 'one_class',
-                                  'all_equal', 'zero_embedding'])
+                                  'all_equal', 'zero_embedding',
+                                  'antipodal_classes'])
 def test_degenerate_batches_give_finite_values_and_gradients(case):
   x, y = _batch(size=8, dim=5, classes=4)
   if case == 'no_positive_pair':
@@ -298,6 +299,13 @@ def test_degenerate_batches_give_finite_values_and_gradients(case):
     y = np.zeros(8, np.int32)
   elif case == 'all_equal':
     x = np.ones_like(x)
+  elif case == 'antipodal_classes':
+    # Two well-separated classes: masked-out similarities far above the kept
+    # ones (multi-similarity's beta=50) must not overflow in the gradient.
+    x = np.zeros_like(x)
+    x[:4, 0], x[4:, 0] = 1.0, -1.0
+    x[::2, 1] = 1e-3
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1], np.int32)
   else:
     x[0] = 0.0
   for name, loss in _all_losses():

@@ -91,7 +91,8 @@ def test_rate_multipliers_scale_one_group_and_add_no_state():
                              plain_updates['backbone'])
   np.testing.assert_allclose(scaled_updates['loss']['proxies'],
                              100 * plain_updates['loss']['proxies'])
-  assert not jax.tree.leaves(scaled.init(params)[1])
+  assert (jax.tree.structure(scaled.init(params))
+          == jax.tree.structure(plain.init(params)))
   with pytest.raises(ValueError, match=r"names \['head'\].*\['backbone', "
                      "'loss'\\]"):
     optimizers.make_optimizer(rate_multipliers={'head': 2.0}).init(params)

@@ -31,7 +31,9 @@ def masked_logsumexp(x: jax.Array, mask: jax.Array, axis: int = -1
   any_kept = jnp.any(mask, axis=axis, keepdims=True)
   peak = jnp.max(jnp.where(mask, x, -jnp.inf), axis=axis, keepdims=True)
   peak = jax.lax.stop_gradient(jnp.where(any_kept, peak, 0.0))
-  total = jnp.sum(jnp.where(mask, jnp.exp(x - peak), 0.0), axis=axis,
+  # exp of -inf, not a masked exp: a dropped entry far above the kept ones
+  # would overflow, and 0 * inf in the backward pass is NaN.
+  total = jnp.sum(jnp.exp(jnp.where(mask, x - peak, -jnp.inf)), axis=axis,
                   keepdims=True)
   result = jnp.where(any_kept, peak + jnp.log(jnp.where(any_kept, total, 1.0)),
                      -jnp.inf)
