@@ -151,7 +151,15 @@ def _metric(options, splits, backbone, make_algorithm, seed):
   learner = _pretrained_learner(make_algorithm(embedder), train,
                                 embedder_params)
   data = data_lib.index_by_class(train)
-  initial = lambda: objective.init(jax.random.key(seed), data)[:2]
+
+  def initial():
+    if options.get('projection', 'linear') != 'none':
+      raise ValueError(
+          "A metric config's projection head is trained, so without a "
+          'workdir it would be random: give --workdir, or evaluate the '
+          "pretrained backbone alone with objective.projection='none'.")
+    return objective.init(jax.random.key(seed), data)[:2]
+
   return _Built(objective, data, learner, initial,
                 Embedder(embedder, embedder_params))
 
@@ -223,6 +231,19 @@ def _feature_cache(config, backbone):
                        backbone, config.eval.get('feature_batch_size', 256))
 
 
+def _retrieval(config, embedder, dataset):
+  """The retrieval evaluator of a split (`eval.retrieval_distance`)."""
+  if config.backbone.get('norm') == 'batch':
+    raise ValueError(
+        "Retrieval needs per-image embeddings, but norm='batch' normalises "
+        'each batch with its own statistics (transductive), so an image\'s '
+        'embedding would depend on the images batched with it.')
+  return retrieval_evaluator(
+      embedder, dataset,
+      distance=config.eval.get('retrieval_distance', 'cosine'),
+      batch_size=config.eval.get('feature_batch_size', 256))
+
+
 def build(config: ml_collections.ConfigDict, *,
           pretrained: bool = True) -> Experiment:
   """Builds the experiment a config describes (see `Experiment`).
@@ -262,9 +283,7 @@ def build(config: ml_collections.ConfigDict, *,
     validate = evaluator(splits['val'], num_episodes=config.eval.val_episodes,
                          key=jax.random.key(config.eval.seed + 1))
   retrieval = {split: functools.partial(
-      retrieval_evaluator, built.embedder, splits[split],
-      distance=config.eval.get('retrieval_distance', 'cosine'),
-      batch_size=config.eval.get('feature_batch_size', 256))
+      _retrieval, config, built.embedder, splits[split])
                for split in eval_splits}
   info = dict(algorithm=config.algorithm.name, backbone=config.backbone.name,
               weights=config.backbone.get('weights'),

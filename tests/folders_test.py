@@ -40,6 +40,7 @@ def test_split_folders_and_zips(tmp_path):
   with zipfile.ZipFile(archive, 'w') as z:
     for path in (tmp_path / 'mine').rglob('*.png'):
       z.write(path, path.relative_to(tmp_path).as_posix())
+    z.writestr('__MACOSX/mine/train/class_0/._0.png', b'not an image')
   for root in (tmp_path / 'mine', archive):
     splits = data.load_splits('folder', root=str(root), image_size=6)
     assert {s: splits[s].num_classes for s in splits} == dict(

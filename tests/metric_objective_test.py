@@ -105,6 +105,11 @@ def test_retrieval_and_episodes_evaluate_the_trained_embedding(straight_run):
   assert result['recall_at_k']['1'] == result['precision_at_1']
   episodes = evaluation.evaluate_workdir(experiment, str(workdir))
   assert episodes['episodes'] == 10 and 0 < episodes['accuracy'] <= 1
+  # Without a workdir the projection would be random: refused.
+  config = config.copy_and_resolve_references()
+  config.backbone.weights = str(workdir)
+  with pytest.raises(ValueError, match='projection head is trained'):
+    evaluation.evaluate_workdir(builder.build(config), None)
 
 
 def test_retrieval_evaluates_a_protonet_workdir(tmp_path):
@@ -118,6 +123,10 @@ def test_retrieval_evaluates_a_protonet_workdir(tmp_path):
                                        protocol='retrieval')
   # The backbone's own features: Conv-4 with 8 filters ends at 1x1x8.
   assert result['images'] == 200 and result['embedding_dim'] == 8
+  config.backbone.norm = 'batch'
+  with pytest.raises(ValueError, match="norm='batch' normalises each batch"):
+    evaluation.evaluate_workdir(builder.build(config), str(tmp_path),
+                                protocol='retrieval')
 
 
 @pytest.mark.parametrize('arg, error', [

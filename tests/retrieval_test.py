@@ -16,15 +16,17 @@ def _embedded(num_classes=7, seed=0, spread=1.5):
   return x.astype(np.float32), labels
 
 
-def _naive(x, labels, ks=(1, 2, 4, 8)):
+def _naive(x, labels, ks=(1, 2, 4, 8), raw=False):
   unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+  closeness = ((lambda q, m: -float(np.sum((x[q] - x[m]) ** 2))) if raw else
+               (lambda q, m: float(unit[q] @ unit[m])))
   p1, rp, ap, recall = [], [], [], {k: [] for k in ks}
   for q in range(len(x)):
     r = int(np.sum(labels == labels[q])) - 1
     if r == 0:
       continue
     others = [m for m in range(len(x)) if m != q]
-    ranked = sorted(others, key=lambda m: -float(unit[q] @ unit[m]))
+    ranked = sorted(others, key=lambda m: -closeness(q, m))
     hits = [labels[m] == labels[q] for m in ranked]
     p1.append(hits[0])
     rp.append(sum(hits[:r]) / r)
@@ -47,6 +49,17 @@ def test_metrics_match_a_naive_ranking_for_any_chunking(chunk_size):
   assert ours['recall_at_k'] == pytest.approx(expected['recall_at_k'])
   assert ours['queries'] == len(labels)
   assert 0 < ours['map_at_r'] <= ours['r_precision'] <= 1
+
+
+def test_raw_distances_rank_the_embeddings_as_they_are():
+  x, labels = _embedded(seed=1)
+  x[::3] *= 4.0  # norms differ: raw and normalised rankings disagree
+  raw = retrieval.retrieval_metrics(x, labels, distance='raw_euclidean')
+  expected = _naive(x, labels, raw=True)
+  assert np.isclose(raw['map_at_r'], expected['map_at_r'])
+  assert not np.isclose(raw['map_at_r'], _naive(x, labels)['map_at_r'])
+  with pytest.raises(ValueError, match="Unknown distance 'l1'.*raw_squared"):
+    retrieval.retrieval_metrics(x, labels, distance='l1')
 
 
 def test_perfect_and_lone_queries():

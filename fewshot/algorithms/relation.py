@@ -6,7 +6,10 @@ sum of its support maps; the relation module (two conv blocks and two
 dense layers) scores each (query, class) pair from their maps concatenated
 along the channels. The paper trains the sigmoid score against the one-hot
 label with a squared error (`loss='mse'`); `loss='cross_entropy'` uses the
-query cross-entropy of the scores instead.
+query cross-entropy of the scores instead. The relation module's BatchNorm
+always normalises with the statistics of the episode's pairs, in evaluation
+too (as the authors' code runs it), so a query's scores depend on the other
+queries of its episode.
 """
 
 from __future__ import annotations

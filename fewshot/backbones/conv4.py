@@ -121,8 +121,11 @@ class Conv4(nn.Module):
       raise ValueError(f'norm must be one of {NORMS}, got {self.norm!r}.')
     if images.ndim != 4:
       raise ValueError(f'Conv4 expects images [B, H, W, C], got {images.shape}.')
-    x = scale_images(images)
     pooled = self.num_blocks if self.pooled_blocks is None else self.pooled_blocks
+    if not 0 <= pooled <= self.num_blocks:
+      raise ValueError(f'pooled_blocks must be in [0, num_blocks='
+                       f'{self.num_blocks}], got {self.pooled_blocks}.')
+    x = scale_images(images)
     for block in range(self.num_blocks):
       pool = block < pooled
       x = layers.Conv(self.filters, use_bias=self.norm == 'none',

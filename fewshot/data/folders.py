@@ -23,17 +23,25 @@ IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg')
 SPLITS = ('train', 'val', 'test')
 
 
+def _is_image(relative: str) -> bool:
+  """An image file, not in a hidden folder or a macOS `__MACOSX` fork."""
+  parts = relative.split('/')
+  return (parts[-1].lower().endswith(IMAGE_SUFFIXES)
+          and not any(p.startswith('.') or p == '__MACOSX' for p in parts))
+
+
 def _entries(root: pathlib.Path) -> Iterator[tuple[str, bytes]]:
   """`(relative path, bytes)` of every image file under `root` (dir or zip)."""
   if root.is_file() and zipfile.is_zipfile(root):
     with zipfile.ZipFile(root) as archive:
       for name in sorted(archive.namelist()):
-        if name.lower().endswith(IMAGE_SUFFIXES):
+        if _is_image(name):
           yield name, archive.read(name)
   elif root.is_dir():
     for path in sorted(root.rglob('*')):
-      if path.suffix.lower() in IMAGE_SUFFIXES:
-        yield path.relative_to(root).as_posix(), path.read_bytes()
+      relative = path.relative_to(root).as_posix()
+      if path.is_file() and _is_image(relative):
+        yield relative, path.read_bytes()
   else:
     raise FileNotFoundError(f'{root} is neither a folder nor a zip archive of '
                             'class folders (root/<class>/*.png|jpg).')

@@ -101,20 +101,20 @@ def check_spec(spec: EpisodeSpec, class_counts: np.ndarray,
 
 
 def _draw_classes_and_images(key: jax.Array, data: DeviceDataset,
-                             num_classes: int, per_class: int
+                             num_drawn: int, per_class: int
                              ) -> tuple[jax.Array, jax.Array]:
-  """`num_classes` distinct classes and `per_class` distinct images of each.
+  """`num_drawn` distinct classes and `per_class` distinct images of each.
 
   Returns `class_ids [N]` and indices into `data.images` `[N, per_class]`.
   """
   class_key, image_key = jax.random.split(key)
-  class_ids = jax.random.choice(class_key, data.num_classes, (num_classes,),
+  class_ids = jax.random.choice(class_key, data.num_classes, (num_drawn,),
                                 replace=False).astype(jnp.int32)
   counts = data.class_counts[class_ids]                       # [N]
   width = data.class_index.shape[1]
   # A random permutation of each class's valid positions: sort random keys,
   # pushing padding positions to the end.
-  scores = jax.random.uniform(image_key, (num_classes, width))
+  scores = jax.random.uniform(image_key, (num_drawn, width))
   scores = jnp.where(jnp.arange(width)[None, :] < counts[:, None], scores, 2.)
   _, positions = jax.lax.top_k(-scores, per_class)            # [N, per_class]
   chosen = jnp.take_along_axis(data.class_index[class_ids], positions, axis=1)

@@ -11,7 +11,7 @@ import numpy as np
 from fewshot.backbones.base import Backbone, ModelState, Params
 from fewshot.data.dataset import ClassDataset
 from fewshot.features import extract_features
-from fewshot.metric.distances import Distance
+from fewshot.metric.distances import as_distance
 from fewshot.metric.retrieval import RECALL_KS, retrieval_metrics
 
 
@@ -42,7 +42,7 @@ def retrieval_evaluator(embedder: Embedder, dataset: ClassDataset, *,
   embed = jax.jit(lambda params, model_state, images: extract_features(
       embedder.backbone, embedder.params(params), model_state, images,
       batch_size=batch_size))
-  measure = Distance(distance, normalize=False)
+  measure = as_distance(distance)
 
   def run(params: Params, model_state: ModelState) -> dict[str, Any]:
     start = time.time()

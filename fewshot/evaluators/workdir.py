@@ -49,6 +49,11 @@ def evaluate_workdir(experiment: Experiment, workdir: str | None, *,
                      f'{sorted(experiment.evaluators)}.')
   if protocol == 'retrieval' and not experiment.retrieval:
     raise ValueError('This experiment has no retrieval evaluation.')
+  # Built first, so that a model it cannot evaluate fails before loading.
+  if protocol == 'retrieval':
+    evaluate = experiment.retrieval[split]()
+  else:
+    evaluate = experiment.evaluators[split]
   info = dict(experiment.info)
   if workdir is None:
     if not info.get('weights'):
@@ -60,10 +65,6 @@ def evaluate_workdir(experiment: Experiment, workdir: str | None, *,
   else:
     params, model_state, step = restore(experiment, workdir)
     info['weights'] = workdir
-  if protocol == 'retrieval':
-    evaluate = experiment.retrieval[split]()
-  else:
-    evaluate = experiment.evaluators[split]
   result = evaluate(params, model_state)
   result.update(split=split, step=step, protocol=protocol, **info)
   return result

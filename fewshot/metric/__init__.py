@@ -67,11 +67,12 @@ def _keyword_options(fn) -> dict[str, Any]:
 
 
 def _checked(fn, options: Mapping[str, Any], what: str) -> dict[str, Any]:
-  known = _keyword_options(fn)
-  unknown = sorted(set(options) - set(known) - {'distance'})
+  # `distance` has its own argument and `mined` is the miner's output.
+  known = set(_keyword_options(fn)) - {'distance', 'mined'}
+  unknown = sorted(set(options) - known)
   if unknown:
     raise ValueError(f'Unknown option(s) {unknown} for {what}; it accepts '
-                     f'{sorted(known)}.')
+                     f'{sorted(known)} (and distance).')
   return dict(options)
 
 

@@ -72,16 +72,29 @@ def safe_sqrt(x: jax.Array, tiny: float = 1e-12) -> jax.Array:
   return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1.0)), 0.0)
 
 
-def as_distance(distance: Distance | str | None, default: Distance
-                ) -> Distance:
-  """A `Distance` from itself, its kind's name, or None (the `default`)."""
+# What a distance's name means everywhere (losses, miners, retrieval):
+# 'euclidean' and 'squared' normalise first, as pytorch-metric-learning's
+# LpDistance does by default; the 'raw_' names measure the embeddings as
+# they are (ProtoNet's squared distance, say).
+DISTANCE_NAMES = (*DISTANCE_KINDS, 'raw_euclidean', 'raw_squared')
+
+
+def as_distance(distance: Distance | str | None,
+                default: Distance | None = None) -> Distance:
+  """A `Distance` from itself, a name of `DISTANCE_NAMES`, or None (`default`)."""
   if distance is None:
+    if default is None:
+      raise ValueError('No distance given.')
     return default
   if isinstance(distance, str):
-    distance = Distance(distance)
+    if distance not in DISTANCE_NAMES:
+      raise ValueError(f'Unknown distance {distance!r}; known: '
+                       f'{DISTANCE_NAMES}.')
+    raw = distance.startswith('raw_')
+    distance = Distance(distance.removeprefix('raw_'), normalize=not raw)
   if distance.kind not in DISTANCE_KINDS:
     raise ValueError(f'Unknown distance {distance.kind!r}; known: '
-                     f'{DISTANCE_KINDS}.')
+                     f'{DISTANCE_NAMES}.')
   return distance
 
 
@@ -89,5 +102,6 @@ EUCLIDEAN = Distance('euclidean')
 SQUARED = Distance('squared')
 COSINE = Distance('cosine')
 
-__all__ = ['COSINE', 'DISTANCE_KINDS', 'Distance', 'EUCLIDEAN', 'SQUARED',
+__all__ = ['COSINE', 'DISTANCE_KINDS', 'DISTANCE_NAMES', 'Distance',
+           'EUCLIDEAN', 'SQUARED',
            'as_distance', 'safe_sqrt']

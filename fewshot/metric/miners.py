@@ -4,8 +4,9 @@ Mined tuples are boolean masks, so they have static shapes and compose with
 jit and vmap: `Pairs(positive [B, B], negative [B, B])` over `(anchor,
 other)` and `Triplets(mask [B, B, B])` over `(anchor, positive, negative)`.
 A miner is `(embeddings [B, D], labels [B]) -> Pairs | Triplets`, written
-after pytorch-metric-learning's miner of the same name. Masks are sets: a
-tuple is mined at most once (pytorch-metric-learning's index lists can
+after pytorch-metric-learning's miner of the same name. Triplet masks cost
+`B^3` (2 M entries at B=128, 134 M at B=512: keep triplet losses to batches
+of a few hundred). Masks are sets: a tuple is mined at most once (pytorch-metric-learning's index lists can
 repeat a pair when triplets are turned into pairs; these cannot).
 """
 

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fewshot.metric.distances import Distance
+from fewshot.metric.distances import Distance, as_distance
 
 RECALL_KS = (1, 2, 4, 8)
 
@@ -71,8 +71,10 @@ def metrics_from_neighbours(neighbour_labels_MxK: np.ndarray,
                      'every class of this split has one.')
   k = neighbour_labels_MxK.shape[1]
   if k < max(relevant.max(), max(recall_ks)):
-    raise ValueError(f'{k} neighbours per query, but R is up to '
-                     f'{relevant.max()} and recall@{max(recall_ks)} is asked.')
+    raise ValueError(
+        f'{k} neighbours per query, but R is up to {relevant.max()} and '
+        f'recall@{max(recall_ks)} is asked: a split of {len(labels_M)} images '
+        f'needs recall_ks of at most {len(labels_M) - 1}.')
   correct = (neighbour_labels_MxK == labels_M[:, None])[queries]
   r = relevant[queries]
   within_r = np.arange(k)[None, :] < r[:, None]
@@ -99,13 +101,14 @@ def retrieval_metrics(embeddings_MxD: jax.Array, labels_M: np.ndarray, *,
   Args:
     embeddings_MxD: one embedding per image of the split.
     labels_M: their classes.
-    distance: 'cosine' (L2-normalised embeddings, the metric-learning
-      convention), 'euclidean' or 'squared' (on the raw embeddings).
+    distance: a `Distance` or a name of `DISTANCE_NAMES`: 'cosine' (the
+      metric-learning convention; 'euclidean' and 'squared' normalise too,
+      so rank alike), 'raw_euclidean' or 'raw_squared' (the embeddings as
+      they are).
     recall_ks: the K of recall@K.
     chunk_size: queries per similarity block.
   """
-  if isinstance(distance, str):
-    distance = Distance(distance, normalize=False)
+  distance = as_distance(distance)
   labels_M = np.asarray(labels_M)
   if len(labels_M) != embeddings_MxD.shape[0]:
     raise ValueError(f'{embeddings_MxD.shape[0]} embeddings but '

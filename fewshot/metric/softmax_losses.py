@@ -29,7 +29,9 @@ def init_class_weights(key: jax.Array, num_classes: int, embedding_dim: int,
 
 def _cosines(params, embeddings_BxD, sub_centers: int = 1) -> jax.Array:
   """`[B, C]` cosines to the classes (the nearest of each class's centers)."""
-  cosines = l2_normalize(embeddings_BxD) @ l2_normalize(params['kernel'], 0)
+  cosines = jnp.matmul(l2_normalize(embeddings_BxD),
+                       l2_normalize(params['kernel'], 0),
+                       precision=jax.lax.Precision.HIGHEST)
   if sub_centers > 1:
     cosines = cosines.reshape(cosines.shape[0], -1, sub_centers).max(-1)
   return cosines

@@ -124,8 +124,8 @@ def metric(backbone: Backbone, *, num_classes: int, loss: str,
   augment = dict(augment or {})
   check_options(crop_and_flip, augment, 'the objective\'s augment')
   embedder = metric_embedder(backbone, projection, embedding_dim)
-  loss_fn = metric_loss(loss, distance=distance, miner=miner,
-                        miner_options=miner_options, **dict(loss_options or {}))
+  metric = metric_loss(loss, distance=distance, miner=miner,
+                       miner_options=miner_options, **dict(loss_options or {}))
 
   def init(key, data: DeviceDataset):
     network_key, loss_key, run_key = jax.random.split(key, 3)
@@ -133,8 +133,7 @@ def metric(backbone: Backbone, *, num_classes: int, loss: str,
     params, model_state = embedder.init(network_key, sample_images)
     embeddings = jax.eval_shape(
         lambda: embedder.apply(params, model_state, sample_images, False)[0])
-    params['loss'] = loss_fn.init(loss_key, num_classes,
-                                  embeddings.shape[-1])
+    params['loss'] = metric.init(loss_key, num_classes, embeddings.shape[-1])
     return params, model_state, run_key
 
   def sample(run_key, step, data: DeviceDataset) -> LabelledImages:
@@ -146,14 +145,14 @@ def metric(backbone: Backbone, *, num_classes: int, loss: str,
       images = crop_and_flip(augment_key, images, **augment)
     return LabelledImages(images=images, labels=labels)
 
-  def loss(params, model_state, batch: LabelledImages, key):
+  def batch_loss(params, model_state, batch: LabelledImages, key):
     del key  # deterministic given the batch
     embeddings, model_state = embedder.apply(embedder_params(params),
                                              model_state, batch.images, True)
-    value = loss_fn.apply(params['loss'], embeddings, batch.labels)
+    value = metric.apply(params['loss'], embeddings, batch.labels)
     return value, ({'loss': value}, model_state)
 
-  return Objective(init=init, sample=sample, loss=loss, unit='images',
+  return Objective(init=init, sample=sample, loss=batch_loss, unit='images',
                    batch_size_name='classes_per_batch x images_per_class')
 
 
