@@ -1,4 +1,4 @@
-"""The task axis sharded over 4 simulated CPU devices trains like 1 device."""
+"""The batch or task axis sharded over 4 simulated CPU devices trains like 1 device."""
 
 import json
 import os
@@ -19,7 +19,7 @@ import json, os, sys
 import jax, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 sys.path.insert(0, {repo!r})
-from configs import pretrain_synthetic, protonet_synthetic
+from configs import metric_synthetic, pretrain_synthetic, protonet_synthetic
 from fewshot import builder, harness
 from fewshot.evaluators import workdir as evaluation
 from fewshot.objectives import init_state, make_train_step
@@ -60,6 +60,28 @@ for name, (algorithm_config, norm) in ALGORITHMS.items():
            *[np.asarray(x) for x in leaves])
   report[name] = losses
 bad = config.copy_and_resolve_references()
+# The metric objective: an [8, 8] (triplet: [8, 8, 8]) loss over the P x K
+# batch sharded over the devices, and Proxy-Anchor's proxies.
+for loss in ('triplet', 'proxy_anchor'):
+  metric_config = metric_synthetic.get_config(
+      f'loss={{loss}},steps=3,classes=4,per_class=2')
+  metric_config.backbone.filters = 8
+  metric_config.optimizer = dict(name='sgd', learning_rate=0.05)
+  experiment = builder.build(metric_config)
+  state = jax.device_put(init_state(experiment.objective, experiment.optimizer,
+                                    experiment.train_data, 0), replicated)
+  data = jax.device_put(experiment.train_data, replicated)
+  step = jax.jit(make_train_step(
+      experiment.objective, experiment.optimizer,
+      NamedSharding(mesh, PartitionSpec('data'))))
+  losses = []
+  for _ in range(3):
+    state, metrics = step(state, data)
+    losses.append(float(metrics['loss']))
+  leaves = jax.tree.leaves((state.params, state.model_state))
+  np.savez(os.path.join(out, f'metric_{{loss}}-{{devices}}.npz'),
+           *[np.asarray(x) for x in leaves])
+  report[f'metric_{{loss}}'] = losses
 # The whole harness (placement, validation, test, checkpoints) on the
 # supervised objective: its minibatch axis is split over the devices.
 config = pretrain_synthetic.get_config('steps=3')
@@ -105,7 +127,8 @@ def _leaves(path):
     return [saved[k] for k in sorted(saved, key=lambda k: int(k.split('_')[1]))]
 
 
-@pytest.mark.parametrize('name', ['maml', 'protonet'])
+@pytest.mark.parametrize('name', ['maml', 'protonet', 'metric_triplet',
+                                  'metric_proxy_anchor'])
 def test_four_devices_match_one(runs, name):
   one, four = _leaves(runs / f'{name}-1.npz'), _leaves(runs / f'{name}-4.npz')
   assert len(one) == len(four)
