@@ -6,12 +6,18 @@
       --workdir runs/metric_tiny_ms --config.eval.num_episodes=1000
   python experiments/evaluate.py --config configs/metric_tiny_imagenet.py:loss=multi_similarity \
       --workdir runs/metric_tiny_ms --protocol retrieval
+  python experiments/train.py \
+      --config configs/metric_tiny_imagenet.py:loss=supcon,backbone=efficientnet_lite0,weights=imagenet \
+      --workdir runs/metric_tiny_effnet_supcon
 
 The config argument is a comma-separated list of `key=value` overrides:
   loss, miner      as configs/metric_omniglot.py (recipes in
                    fewshot.config_args.METRIC_RECIPES);
-  backbone         resnet12 (from scratch, default) or conv4;
-  weights          a pretrain workdir to start the backbone from;
+  backbone         resnet12 (from scratch, default), conv4 or efficientnet_lite0;
+  weights          where the backbone starts: a pretrain workdir, or imagenet
+                   (efficientnet_lite0);
+  input_size       what the backbone is fed (resized on the device; default
+                   128 for efficientnet_lite0, else image_size);
   image_size       images are resized to this (default 32, as the ResNet-12
                    pretraining config);
   classes, per_class, embedding_dim, projection, steps, lr, loss_rate
@@ -30,6 +36,7 @@ from fewshot.config_args import (data_section, eval_section, metric_objective,
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = parse_arg(arg, loss='multi_similarity', miner=str,
                    backbone='resnet12', weights=str, image_size=32,
+                   input_size=int,
                    classes=32, per_class=4, embedding_dim=128,
                    projection='linear', steps=10000, lr=1e-3, loss_rate=1.0,
                    ways=5, shots=1)
@@ -39,6 +46,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.backbone = dict(name=args.backbone, norm='batch_running')
   if args.weights:
     config.backbone.weights = args.weights
+  input_size = args.input_size or (128 if args.backbone == 'efficientnet_lite0'
+                                   else None)
+  if input_size:
+    config.backbone.input_size = input_size
   config.algorithm = dict(name='protonet', distance='cosine')  # evaluation
   config.objective = metric_objective(
       args.loss, args.miner, classes_per_batch=args.classes,
