@@ -47,3 +47,19 @@ def killed_after_checkpoint(monkeypatch, step: int, run) -> None:
   with pytest.raises(KeyboardInterrupt):
     run()
   monkeypatch.setattr(Checkpointer, 'save', original_save)
+
+
+def restore_train_state(config, workdir):
+  """`(restored, experiment, initial)` train states of `workdir`'s latest
+  checkpoint, via the harness's own Checkpointer."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from fewshot import builder  # pylint: disable=g-import-not-at-top
+  from fewshot.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
+  from fewshot.objectives import init_state  # pylint: disable=g-import-not-at-top
+  experiment = builder.build(config)
+  state = init_state(experiment.objective, experiment.optimizer,
+                     experiment.train_data, config.seed)
+  checkpointer = Checkpointer(pathlib.Path(workdir) / 'checkpoints')
+  restored, _ = checkpointer.restore(jax.eval_shape(lambda: state))
+  checkpointer.close()
+  return restored, experiment, state

@@ -1,7 +1,6 @@
 """The metric objective: P x K batches, training through the harness with
 the loss's parameters in the state, exact resume, retrieval of workdirs."""
 
-import pathlib
 
 import jax
 import numpy as np
@@ -9,11 +8,9 @@ import pytest
 
 from fewshot import builder
 from fewshot import harness
-from fewshot.checkpoint import Checkpointer
 from fewshot.data import sampling, synthetic
 from fewshot.evaluators import workdir as evaluation
-from fewshot.objectives import init_state
-from helpers import killed_after_checkpoint, load_config
+from helpers import killed_after_checkpoint, load_config, restore_train_state
 
 
 def _config(arg='loss=proxy_anchor', steps=4):
@@ -65,21 +62,11 @@ def straight_run(tmp_path_factory):
   return config, workdir, results
 
 
-def _restored(config, workdir):
-  experiment = builder.build(config)
-  state = init_state(experiment.objective, experiment.optimizer,
-                     experiment.train_data, config.seed)
-  checkpointer = Checkpointer(pathlib.Path(workdir) / 'checkpoints')
-  restored, _ = checkpointer.restore(jax.eval_shape(lambda: state))
-  checkpointer.close()
-  return state, restored
-
-
 def test_loss_parameters_train_and_a_killed_run_resumes_exactly(
     straight_run, tmp_path, monkeypatch):
   config, straight_dir, results = straight_run
   assert results['step'] == 4 and 0 <= results['val']['accuracy'] <= 1
-  initial, straight = _restored(config, straight_dir)
+  straight, _, initial = restore_train_state(config, straight_dir)
   proxies = straight.params['loss']['proxies']
   assert proxies.shape == (30, 16)  # training classes x embedding_dim
   assert not np.allclose(proxies, initial.params['loss']['proxies'])
@@ -87,7 +74,7 @@ def test_loss_parameters_train_and_a_killed_run_resumes_exactly(
   killed_after_checkpoint(monkeypatch, 2, lambda: harness.train_and_evaluate(
       config, str(tmp_path)))
   assert harness.train_and_evaluate(config, str(tmp_path))['step'] == 4
-  _, resumed = _restored(config, tmp_path)
+  resumed, *_ = restore_train_state(config, tmp_path)
   jax.tree.map(np.testing.assert_array_equal,
                (straight.params, straight.model_state, straight.opt_state),
                (resumed.params, resumed.model_state, resumed.opt_state))

@@ -29,6 +29,28 @@ ALGORITHMS = dict(
     maml=(dict(name='maml', num_ways=5, inner_steps=1,
                inner_learning_rate=0.4), 'batch'),
     protonet=(dict(name='protonet'), 'batch_running'))
+mesh = harness.task_mesh()
+replicated = NamedSharding(mesh, PartitionSpec())
+
+
+def three_steps(experiment, name):
+  # The trainer's own step and shardings; saves the final parameters.
+  state = jax.device_put(init_state(experiment.objective, experiment.optimizer,
+                                    experiment.train_data, 0), replicated)
+  data = jax.device_put(experiment.train_data, replicated)
+  step = jax.jit(make_train_step(
+      experiment.objective, experiment.optimizer,
+      NamedSharding(mesh, PartitionSpec('data'))))
+  losses = []
+  for _ in range(3):
+    state, metrics = step(state, data)
+    losses.append(float(metrics['loss']))
+  leaves = jax.tree.leaves((state.params, state.model_state))
+  np.savez(os.path.join(out, f'{{name}}-{{devices}}.npz'),
+           *[np.asarray(x) for x in leaves])
+  return losses
+
+
 report = dict()
 for name, (algorithm_config, norm) in ALGORITHMS.items():
   config = protonet_synthetic.get_config('steps=3')
@@ -41,24 +63,7 @@ for name, (algorithm_config, norm) in ALGORITHMS.items():
   config.optimizer = dict(name='sgd', learning_rate=0.05)
   config.objective.ways = 5
   config.objective.meta_batch_size = 4
-  experiment = builder.build(config)
-  mesh = harness.task_mesh()
-  replicated = NamedSharding(mesh, PartitionSpec())
-  state = init_state(experiment.objective, experiment.optimizer,
-                     experiment.train_data, 0)
-  state = jax.device_put(state, replicated)
-  data = jax.device_put(experiment.train_data, replicated)
-  step = jax.jit(make_train_step(
-      experiment.objective, experiment.optimizer,
-      NamedSharding(mesh, PartitionSpec('data'))))
-  losses = []
-  for _ in range(3):
-    state, metrics = step(state, data)
-    losses.append(float(metrics['loss']))
-  leaves = jax.tree.leaves((state.params, state.model_state))
-  np.savez(os.path.join(out, f'{{name}}-{{devices}}.npz'),
-           *[np.asarray(x) for x in leaves])
-  report[name] = losses
+  report[name] = three_steps(builder.build(config), name)
 bad = config.copy_and_resolve_references()
 # The metric objective: an [8, 8] (triplet: [8, 8, 8]) loss over the P x K
 # batch sharded over the devices, and Proxy-Anchor's proxies.
@@ -67,21 +72,8 @@ for loss in ('triplet', 'proxy_anchor'):
       f'loss={{loss}},steps=3,classes=4,per_class=2')
   metric_config.backbone.filters = 8
   metric_config.optimizer = dict(name='sgd', learning_rate=0.05)
-  experiment = builder.build(metric_config)
-  state = jax.device_put(init_state(experiment.objective, experiment.optimizer,
-                                    experiment.train_data, 0), replicated)
-  data = jax.device_put(experiment.train_data, replicated)
-  step = jax.jit(make_train_step(
-      experiment.objective, experiment.optimizer,
-      NamedSharding(mesh, PartitionSpec('data'))))
-  losses = []
-  for _ in range(3):
-    state, metrics = step(state, data)
-    losses.append(float(metrics['loss']))
-  leaves = jax.tree.leaves((state.params, state.model_state))
-  np.savez(os.path.join(out, f'metric_{{loss}}-{{devices}}.npz'),
-           *[np.asarray(x) for x in leaves])
-  report[f'metric_{{loss}}'] = losses
+  report[f'metric_{{loss}}'] = three_steps(builder.build(metric_config),
+                                         f'metric_{{loss}}')
 # The whole harness (placement, validation, test, checkpoints) on the
 # supervised objective: its minibatch axis is split over the devices.
 config = pretrain_synthetic.get_config('steps=3')

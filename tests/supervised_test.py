@@ -2,7 +2,6 @@
 
 import json
 import os
-import pathlib
 import signal
 
 import jax
@@ -17,8 +16,7 @@ from fewshot.checkpoint import Checkpointer
 from fewshot.data import sampling
 from fewshot.evaluators import episode_accuracies
 from fewshot.evaluators import workdir as evaluation
-from fewshot.objectives import init_state
-from helpers import killed_after_checkpoint, load_config
+from helpers import killed_after_checkpoint, load_config, restore_train_state
 
 
 def _tiny_config(steps=4):
@@ -31,17 +29,6 @@ def _tiny_config(steps=4):
   config.eval.test_at_end = False
   config.eval.val_episodes = 4
   return config
-
-
-def _restore_state(config, workdir):
-  """The latest train state of `workdir`, via the harness's own Checkpointer."""
-  experiment = builder.build(config)
-  state = init_state(experiment.objective, experiment.optimizer,
-                     experiment.train_data, config.seed)
-  checkpointer = Checkpointer(pathlib.Path(workdir) / 'checkpoints')
-  restored, _ = checkpointer.restore(jax.eval_shape(lambda: state))
-  checkpointer.close()
-  return restored, experiment, state
 
 
 @pytest.fixture(scope='module')
@@ -81,8 +68,8 @@ def _resume_and_compare(config, straight_dir, workdir, stopped_at):
   assert checkpointer.latest_step() == stopped_at
   checkpointer.close()
   assert harness.train_and_evaluate(config, str(workdir))['step'] == 4
-  straight, *_ = _restore_state(config, straight_dir)
-  resumed, *_ = _restore_state(config, workdir)
+  straight, *_ = restore_train_state(config, straight_dir)
+  resumed, *_ = restore_train_state(config, workdir)
   jax.tree.map(np.testing.assert_array_equal,
                (straight.params, straight.model_state, straight.opt_state),
                (resumed.params, resumed.model_state, resumed.opt_state))
@@ -155,7 +142,7 @@ def test_a_pretraining_workdir_is_evaluated_with_its_trained_backbone(
                                        str(workdir))
   # Directly: the evaluating ProtoNet's own parameters (its cosine scale)
   # with the trained backbone's in place, on the seeded test episodes.
-  state, *_ = _restore_state(config, workdir)
+  state, *_ = restore_train_state(config, workdir)
   test = builder.load_splits(config.data)['test']
   algorithm = builder.build_algorithm(config.algorithm,
                                       builder.build_backbone(config.backbone))
