@@ -10,12 +10,13 @@ from fewshot import builder
 from fewshot import harness
 from fewshot import workdir as workdir_lib
 from fewshot.evaluators import workdir as evaluation
-from supervised_test import _restore_state, straight_run  # pylint: disable=unused-import
+from helpers import restore_train_state
+from supervised_test import straight_run  # pylint: disable=unused-import
 
 
 def test_load_returns_the_trained_backbone(straight_run):
   config, workdir, _ = straight_run
-  state, experiment, fresh = _restore_state(config, workdir)
+  state, experiment, fresh = restore_train_state(config, workdir)
   backbone = builder.build_backbone(config.backbone)
   loaded = workdir_lib.load_backbone(str(workdir))
   assert loaded.module == workdir_lib.load_backbone(str(workdir),
