@@ -12,7 +12,8 @@ from fewshot.backbones.base import Backbone, ModelState, Params
 from fewshot.data.dataset import ClassDataset
 from fewshot.features import extract_features
 from fewshot.metric.distances import as_distance
-from fewshot.metric.retrieval import RECALL_KS, retrieval_metrics
+from fewshot.metric.retrieval import (RECALL_KS, check_retrievable,
+                                      retrieval_metrics)
 
 
 class Embedder(NamedTuple):
@@ -35,10 +36,8 @@ def retrieval_evaluator(embedder: Embedder, dataset: ClassDataset, *,
   result has `precision_at_1`, `r_precision`, `map_at_r`, `recall_at_k`,
   `images`, `classes`, `distance` and `seconds`.
   """
+  check_retrievable(dataset.labels)
   counts = dataset.class_counts()
-  if counts.max() < 2:
-    raise ValueError('Retrieval needs a class with at least two images; '
-                     'every class of this split has one.')
   embed = jax.jit(lambda params, model_state, images: extract_features(
       embedder.backbone, embedder.params(params), model_state, images,
       batch_size=batch_size))

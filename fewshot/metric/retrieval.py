@@ -31,6 +31,15 @@ from fewshot.metric.distances import Distance, as_distance
 RECALL_KS = (1, 2, 4, 8)
 
 
+def check_retrievable(labels_M: np.ndarray) -> int:
+  """The largest class's image count; an error if no class has two images."""
+  largest = int(np.unique(np.asarray(labels_M), return_counts=True)[1].max())
+  if largest < 2:
+    raise ValueError('Retrieval needs a class with at least two images; '
+                     'every class of this split has one.')
+  return largest
+
+
 @functools.partial(jax.jit, static_argnames=('k', 'distance', 'chunk_size'))
 def nearest_neighbours(embeddings_MxD: jax.Array, k: int, *,
                        distance: Distance = Distance('cosine'),
@@ -65,10 +74,8 @@ def metrics_from_neighbours(neighbour_labels_MxK: np.ndarray,
   _, inverse, counts = np.unique(labels_M, return_inverse=True,
                                  return_counts=True)
   relevant = counts[inverse] - 1                              # R per query
+  check_retrievable(labels_M)
   queries = relevant > 0
-  if not queries.any():
-    raise ValueError('Retrieval needs a class with at least two images; '
-                     'every class of this split has one.')
   k = neighbour_labels_MxK.shape[1]
   if k < max(relevant.max(), max(recall_ks)):
     raise ValueError(
@@ -113,16 +120,13 @@ def retrieval_metrics(embeddings_MxD: jax.Array, labels_M: np.ndarray, *,
   if len(labels_M) != embeddings_MxD.shape[0]:
     raise ValueError(f'{embeddings_MxD.shape[0]} embeddings but '
                      f'{len(labels_M)} labels.')
-  largest = int(np.unique(labels_M, return_counts=True)[1].max())
+  largest = check_retrievable(labels_M)
   k = min(max(largest - 1, max(recall_ks)), len(labels_M) - 1)
-  if largest < 2:
-    raise ValueError('Retrieval needs a class with at least two images; '
-                     'every class of this split has one.')
   neighbours = np.asarray(nearest_neighbours(
       jnp.asarray(embeddings_MxD, jnp.float32), k, distance=distance,
       chunk_size=chunk_size))
   return metrics_from_neighbours(labels_M[neighbours], labels_M, recall_ks)
 
 
-__all__ = ['RECALL_KS', 'metrics_from_neighbours', 'nearest_neighbours',
+__all__ = ['RECALL_KS', 'check_retrievable', 'metrics_from_neighbours', 'nearest_neighbours',
            'retrieval_metrics']
