@@ -38,21 +38,29 @@ def task_mesh() -> Mesh:
 
 def _batch_size(experiment: Experiment, state: TrainState,
                 devices: int) -> int:
-  """The batch axis length of the objective's batches (checked per leaf)."""
+  """The number of `objective.unit`s in a batch (its leaves checked).
+
+  Every leaf needs a leading batch axis that divides over the devices; the
+  count is `objective.batch_units(batch)` if the objective defines it, else
+  the one leading axis all leaves share.
+  """
+  objective = experiment.objective
   batch = jax.eval_shape(
-      experiment.objective.sample,
+      objective.sample,
       jax.random.wrap_key_data(state.rng), state.step, experiment.train_data)
   sizes = {leaf.shape[0] if leaf.ndim else None
            for leaf in jax.tree.leaves(batch)}
-  if len(sizes) != 1 or None in sizes:
+  if None in sizes or (len(sizes) != 1 and objective.batch_units is None):
     raise ValueError(f'Every leaf of a batch needs the same leading batch '
                      f'axis; the objective\'s have {sorted(map(str, sizes))}.')
-  size = sizes.pop()
-  if size % devices:
-    name = experiment.objective.batch_size_name
-    raise ValueError(f'{name} {size} does not divide evenly over {devices} '
-                     f'devices; use a multiple of {devices}.')
-  return size
+  uneven = sorted(size for size in sizes if size % devices)
+  if uneven:
+    name = objective.batch_size_name
+    raise ValueError(f'{name} {uneven[0]} does not divide evenly over '
+                     f'{devices} devices; use a multiple of {devices}.')
+  if objective.batch_units is not None:
+    return int(objective.batch_units(batch))
+  return sizes.pop()
 
 
 def _log_line(step: int, split: str, result: dict[str, Any]) -> str:

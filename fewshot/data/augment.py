@@ -95,3 +95,16 @@ def augment_episodes(key: jax.Array, episodes: Episode,
   return episodes.replace(
       support_images=augment(support_key, episodes.support_images),
       query_images=augment(query_key, episodes.query_images))
+
+
+def rotate_quarter_turns(images: jax.Array, turns: jax.Array) -> jax.Array:
+  """Each `[B, H, W, C]` image rotated by `turns[b]` * 90 degrees (H == W).
+
+  Counter-clockwise, as `jnp.rot90`; `turns` is `[B]` int in 0..3.
+  """
+  if images.shape[1] != images.shape[2]:
+    raise ValueError(f'Quarter-turn rotation needs square images, got '
+                     f'{images.shape[1]}x{images.shape[2]}.')
+  rotations = jnp.stack([jnp.rot90(images, k, axes=(1, 2))
+                         for k in range(4)])              # [4, B, H, W, C]
+  return rotations[turns, jnp.arange(images.shape[0])]

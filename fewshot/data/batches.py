@@ -32,6 +32,22 @@ class LabelledImages:
     return self.images.shape[0]
 
 
+@flax.struct.dataclass
+class MultiLabelImages:
+  """Images with several named label sets (a pytree; a jit argument).
+
+  Attributes:
+    images: `[M, H, W, C]` uint8.
+    labels: `{name: [M] int32 class index or [M, D] float32 target}`.
+  """
+  images: jax.Array
+  labels: dict[str, jax.Array]
+
+  @property
+  def num_images(self) -> int:
+    return self.images.shape[0]
+
+
 def labelled_images(dataset: ClassDataset) -> LabelledImages:
   """A dataset's images and labels as host (numpy) arrays.
 
@@ -54,4 +70,5 @@ def batch_indices(key: jax.Array, step: jax.Array, num_images: int,
   return jax.lax.dynamic_slice(order, (position * batch_size,), (batch_size,))
 
 
-__all__ = ['LabelledImages', 'batch_indices', 'labelled_images']
+__all__ = ['LabelledImages', 'MultiLabelImages', 'batch_indices',
+           'labelled_images']

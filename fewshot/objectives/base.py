@@ -17,7 +17,10 @@ An objective is what a training run needs from a method, as pure functions:
   surgery over several tasks); by default `jax.value_and_grad(loss)`;
 * `unit`: what one element of the batch axis is ('episodes', 'images'),
   for the throughput log, and `batch_size_name` the option that sets the
-  axis's length ('meta_batch_size', 'batch_size'), for error messages.
+  axis's length ('meta_batch_size', 'batch_size'), for error messages;
+* `batch_units` (optional): the number of `unit`s in a batch, for a batch
+  whose leaves have different leading axes (several streams of a
+  multi-task objective); by default the one leading axis all leaves share.
 
 `make_train_step` turns any objective and an optax optimizer into one
 jittable step; the harness (`fewshot.harness`) runs it.
@@ -55,6 +58,7 @@ class Objective(NamedTuple):
   value_and_grad: ValueAndGradFn | None = None
   unit: str = 'examples'
   batch_size_name: str = 'batch_size'
+  batch_units: Callable[[Batch], int] | None = None
 
 
 @flax.struct.dataclass
