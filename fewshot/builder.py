@@ -102,7 +102,7 @@ def _backbone_params(params):
   return params['backbone']
 
 
-def _pretrained_learner(algorithm, train, embedder_of):
+def pretrained_learner(algorithm, train, embedder_of):
   """The evaluating algorithm's own meta-parameters (e.g. ProtoNet's cosine
   scale), with the trained network's in place of its random backbone."""
   algorithm_params = dict(algorithm.init(
@@ -132,7 +132,7 @@ def _supervised(options, splits, backbone, make_algorithm, seed):
     raise ValueError(f'batch_size {options["batch_size"]} exceeds the '
                      f'{len(train.images)} training images.')
   objective = supervised(backbone, num_classes=train.num_classes, **options)
-  learner = _pretrained_learner(make_algorithm(backbone), train,
+  learner = pretrained_learner(make_algorithm(backbone), train,
                                 _backbone_params)
   data = labelled_images(train)
   initial = lambda: objective.init(jax.random.key(seed), data)[:2]
@@ -148,7 +148,7 @@ def _metric(options, splits, backbone, make_algorithm, seed):
   objective = metric(backbone, num_classes=train.num_classes, **options)
   embedder = metric_embedder(backbone, options.get('projection', 'linear'),
                              options.get('embedding_dim'))
-  learner = _pretrained_learner(make_algorithm(embedder), train,
+  learner = pretrained_learner(make_algorithm(embedder), train,
                                 embedder_params)
   data = data_lib.index_by_class(train)
 
@@ -252,6 +252,9 @@ def build(config: ml_collections.ConfigDict, *,
   run's own checkpoint supersedes the weights it started from).
   """
   has_objective = 'objective' in config
+  if has_objective and config.objective.get('name') == 'multitask':
+    from fewshot.builder_multitask import build_multitask  # pylint: disable=g-import-not-at-top
+    return build_multitask(config, pretrained=pretrained)
   splits = load_splits(config.data, ('train', 'val', 'test') if has_objective
                        else ('train', 'test'))
   backbone = build_backbone(config.backbone, pretrained=pretrained)
@@ -338,4 +341,5 @@ def transfer_report_inputs(config: ml_collections.ConfigDict
 
 
 __all__ = ['build', 'build_algorithm', 'build_backbone',
-           'build_optimizer', 'load_splits', 'transfer_report_inputs']
+           'build_optimizer', 'load_splits', 'pretrained_learner',
+           'transfer_report_inputs']

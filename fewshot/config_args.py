@@ -79,7 +79,10 @@ def eval_section(**overrides: Any) -> dict[str, Any]:
                  val_episodes=300, images_per_chunk=2048, seed=2017,
                  test_at_end=True)
   optional = ('precompute_features', 'feature_batch_size',
-              'retrieval_distance')
+              'retrieval_distance',
+              # multi-task configs (fewshot.builder_multitask)
+              'batch_size', 'baselines', 'fewshot_data', 'fewshot_ways',
+              'fewshot_shots', 'fewshot_queries', 'fewshot_episodes')
   unknown = sorted(set(overrides) - set(section) - set(optional))
   if unknown:
     raise ValueError(f'Unknown eval setting(s) {unknown}; known: '

@@ -237,6 +237,17 @@ def test_experiment_scripts_end_to_end(tmp_path):
   common = ['--config', str(REPO / 'configs' / 'protonet_synthetic.py:steps=3'),
             '--workdir', str(tmp_path), '--config.eval.num_episodes=20',
             '--config.backbone.filters=8']
+  # Bad flags fail before any training: run beside the training and evaluation below.
+  bad_key = subprocess.Popen(
+      [sys.executable, str(REPO / 'experiments' / 'evaluate.py'), *common,
+       '--config.train.no_such_key=1'], env=env, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True)
+  # A config argument of the wrong type is named, not read as something else.
+  bad_type = subprocess.Popen(
+      [sys.executable, str(REPO / 'experiments' / 'train.py'), '--config',
+       str(REPO / 'configs' / 'protonet_synthetic.py:steps=three'),
+       '--workdir', str(tmp_path / 'bad')], env=env, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True)
   subprocess.run([sys.executable, str(REPO / 'experiments' / 'train.py'),
                   *common], check=True, env=env, capture_output=True)
   out = subprocess.run(
@@ -252,14 +263,7 @@ def test_experiment_scripts_end_to_end(tmp_path):
       check=True, env=env, capture_output=True, text=True).stdout
   result = json.loads(out.strip().splitlines()[-1])
   assert result['trials'] == 40 and 0 <= result['error_rate'] <= 100
-  bad = subprocess.run(
-      [sys.executable, str(REPO / 'experiments' / 'evaluate.py'), *common,
-       '--config.train.no_such_key=1'], env=env, capture_output=True, text=True)
-  assert bad.returncode != 0 and 'no_such_key' in bad.stderr
-  # A config argument of the wrong type is named, not read as something else.
-  bad = subprocess.run(
-      [sys.executable, str(REPO / 'experiments' / 'train.py'), '--config',
-       str(REPO / 'configs' / 'protonet_synthetic.py:steps=three'),
-       '--workdir', str(tmp_path / 'bad')], env=env, capture_output=True,
-      text=True)
-  assert bad.returncode != 0 and "steps='three' is not of type int" in bad.stderr
+  stderr = bad_key.communicate(timeout=300)[1]
+  assert bad_key.returncode != 0 and 'no_such_key' in stderr
+  stderr = bad_type.communicate(timeout=300)[1]
+  assert bad_type.returncode != 0 and "steps='three' is not of type int" in stderr

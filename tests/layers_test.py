@@ -23,7 +23,8 @@ UPPER = ('fewshot.builder', 'fewshot.harness', 'fewshot.experiment',
 LOWER = ('fewshot.algorithms', 'fewshot.transfer', 'fewshot.backbones',
          'fewshot.data', 'fewshot.ops', 'fewshot.episodes', 'fewshot.heads',
          'fewshot.stats', 'fewshot.optimizers', 'fewshot.losses',
-         'fewshot.features', 'fewshot.objectives', 'fewshot.metric')
+         'fewshot.features', 'fewshot.objectives', 'fewshot.metric',
+         'fewshot.multitask')
 
 
 def _module_name(path: pathlib.Path) -> str:

@@ -37,13 +37,10 @@ def test_meta_batch_loss_is_the_mean_of_episode_losses():
   assert any(np.abs(g).max() > 0 for g in jax.tree.leaves(grads))
 
 
-@pytest.mark.parametrize('per_task', [True, False])
-def test_meta_batch_value_and_grad_equals_grad_of_meta_batch_loss(per_task):
-  # MAML (second order) with running BatchNorm statistics, an odd number of
-  # tasks: the per-task meta-gradients averaged by a dot (per_task=True,
-  # the CPU default) and the mean loss's gradient (False, the default
-  # elsewhere) must each equal jax.grad of the averaged loss, whatever the
-  # backend, and the new states agree.
+@pytest.fixture(scope='module')
+def maml_meta_batch():
+  """MAML (second order) with running BatchNorm statistics on an odd number
+  of tasks, and jax.value_and_grad of its averaged loss (the reference)."""
   splits = synthetic_splits(num_classes=(10, 2, 2), images_per_class=5)
   data = sampling.to_device(splits['train'])
   spec = sampling.EpisodeSpec(3, 1, 2)
@@ -52,13 +49,24 @@ def test_meta_batch_value_and_grad_equals_grad_of_meta_batch_loss(per_task):
                    num_ways=3, inner_steps=2, inner_learning_rate=0.3)
   params, state = algorithm.init(jax.random.key(1), episodes.support_images[0])
   key = jax.random.key(5)
+  reference = jax.jit(jax.value_and_grad(
+      lambda p: losses.meta_batch_loss(algorithm, p, state, episodes, key),
+      has_aux=True))(params)
+  return algorithm, params, state, episodes, key, reference
+
+
+@pytest.mark.parametrize('per_task', [True, False])
+def test_meta_batch_value_and_grad_equals_grad_of_meta_batch_loss(
+    per_task, maml_meta_batch):
+  # The per-task meta-gradients averaged by a dot (per_task=True, the CPU
+  # default) and the mean loss's gradient (False, the default elsewhere)
+  # must each equal jax.grad of the averaged loss, whatever the backend,
+  # and the new states agree.
+  algorithm, params, state, episodes, key, reference = maml_meta_batch
   (loss, (metrics, new_state)), grads = jax.jit(functools.partial(
       losses.meta_batch_value_and_grad, algorithm, per_task=per_task))(
           params, state, episodes, key)
-  (ref_loss, (ref_metrics, ref_state)), ref_grads = jax.jit(
-      jax.value_and_grad(
-          lambda p: losses.meta_batch_loss(algorithm, p, state, episodes, key),
-          has_aux=True))(params)
+  (ref_loss, (ref_metrics, ref_state)), ref_grads = reference
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
   np.testing.assert_allclose(metrics['accuracy'], ref_metrics['accuracy'])
   assert jax.tree.leaves(new_state)  # running statistics exist and moved

@@ -19,7 +19,8 @@ import json, os, sys
 import jax, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 sys.path.insert(0, {repo!r})
-from configs import metric_synthetic, pretrain_synthetic, protonet_synthetic
+from configs import (metric_synthetic, multitask_multimnist,
+                     pretrain_synthetic, protonet_synthetic)
 from fewshot import builder, harness
 from fewshot.evaluators import workdir as evaluation
 from fewshot.objectives import init_state, make_train_step
@@ -74,6 +75,20 @@ for loss in ('triplet', 'proxy_anchor'):
   metric_config.optimizer = dict(name='sgd', learning_rate=0.05)
   report[f'metric_{{loss}}'] = three_steps(builder.build(metric_config),
                                          f'metric_{{loss}}')
+# The multitask objective: two minibatch streams of generated classes, a
+# class head and a rotation head, PCGrad over their per-task gradients.
+config = multitask_multimnist.get_config('steps=3,batch_size=8,filters=8,'
+                                         'method=pcgrad')
+config.data = dict(name='class_images', dataset=dict(
+    name='synthetic', num_classes=(6, 2, 2), images_per_class=10,
+    image_size=16))
+config.objective.streams = dict(images=dict(batch_size=8),
+                                turned=dict(batch_size=8, rotate=True))
+config.objective.tasks = dict(character=dict(stream='images', labels='class'),
+                              rotation=dict(stream='turned',
+                                            labels='rotation'))
+config.optimizer = dict(name='sgd', learning_rate=0.05)
+report['multitask'] = three_steps(builder.build(config), 'multitask')
 # The whole harness (placement, validation, test, checkpoints) on the
 # supervised objective: its minibatch axis is split over the devices.
 config = pretrain_synthetic.get_config('steps=3')
@@ -104,13 +119,17 @@ with open(os.path.join(out, f'report-{{devices}}.json'), 'w') as f:
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
   out = tmp_path_factory.mktemp('sharding')
-  for devices in (1, 4):
+  children = []
+  for devices in (1, 4):  # side by side: most of each child is compiling
     env = dict(os.environ, JAX_PLATFORMS='cpu',
                XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
-    result = subprocess.run(
+    children.append(subprocess.Popen(
         [sys.executable, '-c', _CHILD.format(repo=str(REPO)), str(out),
-         str(devices)], env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
+         str(devices)], env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True))
+  for child in children:
+    _, stderr = child.communicate(timeout=900)
+    assert child.returncode == 0, stderr[-3000:]
   return out
 
 
@@ -120,7 +139,7 @@ def _leaves(path):
 
 
 @pytest.mark.parametrize('name', ['maml', 'protonet', 'metric_triplet',
-                                  'metric_proxy_anchor'])
+                                  'metric_proxy_anchor', 'multitask'])
 def test_four_devices_match_one(runs, name):
   one, four = _leaves(runs / f'{name}-1.npz'), _leaves(runs / f'{name}-4.npz')
   assert len(one) == len(four)

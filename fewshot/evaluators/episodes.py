@@ -34,10 +34,13 @@ class FewShotLearner(NamedTuple):
   `algorithm` adapts to each episode with the meta-parameters
   `meta_params(params)` of the trained `params`: the identity for episodic
   meta-training; for a pretrained backbone, the evaluating algorithm's own
-  parameters with the trained backbone's in place.
+  parameters with the trained backbone's in place. `model_state(state)`
+  is the backbone's part of the trained model state (the identity unless
+  the objective keeps more, as the multi-task weighting's state).
   """
   algorithm: Algorithm
   meta_params: Callable[[Params], MetaParams]
+  model_state: Callable[[ModelState], ModelState] = lambda state: state
 
 
 class FeatureCache(NamedTuple):
@@ -110,6 +113,7 @@ def few_shot_evaluator(learner: FewShotLearner, dataset: ClassDataset,
       placed[sharding] = jax.device_put(index_by_class(dataset), sharding)
     data = placed[sharding]
     meta_params = learner.meta_params(params)
+    model_state = learner.model_state(model_state)
     extra = {}
     if features is not None:
       meta_params, model_state, data = feature_inputs(

@@ -20,10 +20,12 @@ class Embedder(NamedTuple):
   """How a trained state embeds images: `backbone` with `params(trained)`.
 
   For a metric-learning run, the backbone and its projection head; for any
-  other run, its backbone.
+  other run, its backbone. `model_state(state)` is the backbone's part of
+  the trained model state.
   """
   backbone: Backbone
   params: Callable[[Params], Params]
+  model_state: Callable[[ModelState], ModelState] = lambda state: state
 
 
 def retrieval_evaluator(embedder: Embedder, dataset: ClassDataset, *,
@@ -45,7 +47,8 @@ def retrieval_evaluator(embedder: Embedder, dataset: ClassDataset, *,
 
   def run(params: Params, model_state: ModelState) -> dict[str, Any]:
     start = time.time()
-    embeddings = embed(params, model_state, dataset.images)
+    embeddings = embed(params, embedder.model_state(model_state),
+                       dataset.images)
     result = retrieval_metrics(embeddings, np.asarray(dataset.labels),
                                distance=measure, recall_ks=recall_ks)
     return dict(result, images=int(len(dataset.labels)),

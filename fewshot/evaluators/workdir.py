@@ -76,7 +76,8 @@ def evaluate_omniglot_runs(experiment: Experiment, workdir: str,
   params, model_state, step = restore(experiment, workdir)
   learner = experiment.learner
   result = omniglot_runs_error_rate(learner.algorithm,
-                                    learner.meta_params(params), model_state,
+                                    learner.meta_params(params),
+                                    learner.model_state(model_state),
                                     runs)
   result['step'] = step
   return result

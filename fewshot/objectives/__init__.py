@@ -10,13 +10,16 @@ from fewshot.objectives.base import (Objective, TrainState, init_state,
                                      make_train_step)
 from fewshot.objectives.episodic import episodic
 from fewshot.objectives.metric import metric
+from fewshot.objectives.multitask import multitask
 from fewshot.objectives.supervised import supervised
 
 OBJECTIVES = {
     'episodic': episodic,
     'metric': metric,
+    'multitask': multitask,
     'supervised': supervised,
 }
 
 __all__ = ['OBJECTIVES', 'Objective', 'TrainState', 'episodic',
-           'init_state', 'make_train_step', 'metric', 'supervised']
+           'init_state', 'make_train_step', 'metric', 'multitask',
+           'supervised']

@@ -30,7 +30,7 @@ weighted loss.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +39,7 @@ import optax
 from fewshot.backbones.base import Backbone
 from fewshot.data.augment import rotate_quarter_turns
 from fewshot.data.batches import MultiLabelImages, batch_indices
-from fewshot.data.sampling import DeviceDataset, EpisodeSpec, sample_episode
+from fewshot.data.sampling import EpisodeSpec, sample_episode
 from fewshot.episodes import Episode
 from fewshot.heads import (classifier_logits, init_head, linear_logits,
                            prototypes, squared_distances)
