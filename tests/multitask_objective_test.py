@@ -7,6 +7,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from fewshot import backbones, builder, harness
@@ -15,6 +16,7 @@ from fewshot.data.idx import write_idx
 from fewshot.data.multimnist import multimnist_splits
 from fewshot.multitask import make_weighting
 from fewshot.multitask.weighting import Combination, Weighting
+from fewshot.objectives import init_state, make_train_step
 from fewshot.objectives.multitask import Stream, Task, multitask
 from fewshot.workdir import MetricsLog
 from helpers import killed_after_checkpoint, load_config, restore_train_state
@@ -69,13 +71,17 @@ def test_multimnist_canvases_hold_two_different_items(mnist_dir):
     multimnist_splits(variant='mnist', mnist_dir=mnist_dir.parent)
 
 
-def _toy_objective(weighting, tasks=None):
+def _toy_data():
   rng = np.random.default_rng(1)
   images = rng.integers(0, 255, (32, 16, 16, 1)).astype(np.uint8)
-  data = {'images': MultiLabelImages(images, {
+  return {'images': MultiLabelImages(images, {
       'a': (np.arange(32) % 3).astype(np.int32),
       'b': (np.arange(32) % 4).astype(np.int32),
       'y': rng.normal(size=(32, 2)).astype(np.float32)})}
+
+
+def _toy_objective(weighting, tasks=None):
+  data = _toy_data()
   tasks = tasks or {'a': Task('images', outputs=3),
                     'b': Task('images', outputs=4, head='cosine'),
                     'y': Task('images', kind='regress', outputs=2)}
@@ -146,6 +152,29 @@ def test_one_task_trains_as_single_task_training(name, options):
                {'backbone': grads['backbone'], 'heads': grads['heads']},
                expected)
   assert jax.tree.structure(new_state) == jax.tree.structure(state)
+
+
+def test_a_state_with_one_array_in_two_leaves_is_donated_safely():
+  """DWA's history held one zeros array in four leaves; donating the
+  state then failed ('donate the same buffer twice')."""
+  def aliased_init(num_tasks):
+    zeros = jnp.zeros((num_tasks,))
+    return {}, {'a': zeros, 'b': zeros}
+
+  def combine(params, state, losses, gram, key):
+    ones = jnp.ones_like(losses)
+    return Combination(ones, ones, jnp.zeros(()),
+                       {'a': state['a'] + losses, 'b': state['b']})
+
+  objective, *_ = _toy_objective(Weighting('aliased', aliased_init, combine))
+  data = _toy_data()
+  optimizer = optax.sgd(0.1)
+  state = init_state(objective, optimizer, data, 0)
+  step = jax.jit(make_train_step(objective, optimizer), donate_argnums=0)
+  for _ in range(2):
+    state, _ = step(state, data)
+  assert float(state.model_state['weighting']['a'].sum()) > 0
+  assert float(state.model_state['weighting']['b'].sum()) == 0
 
 
 def test_rotation_labels_say_how_each_image_was_turned():

@@ -142,10 +142,11 @@ def _check_period(period: int) -> None:
 
 def _init_history(num_tasks: int) -> dict[str, jax.Array]:
   """Mean task losses of completed windows of steps, and the running sum."""
-  zeros = jnp.zeros((num_tasks,), jnp.float32)
-  return {'sum': zeros, 'count': jnp.zeros((), jnp.int32),
-          'windows': jnp.zeros((), jnp.int32), 'first': zeros,
-          'last': zeros, 'before_last': zeros}
+  # Distinct arrays: the train step donates the state, leaf by leaf.
+  zeros = lambda: jnp.zeros((num_tasks,), jnp.float32)
+  return {'sum': zeros(), 'count': jnp.zeros((), jnp.int32),
+          'windows': jnp.zeros((), jnp.int32), 'first': zeros(),
+          'last': zeros(), 'before_last': zeros()}
 
 
 def _update_history(history, losses, period):

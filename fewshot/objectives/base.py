@@ -73,11 +73,25 @@ class TrainState:
 
 def init_state(objective: Objective, optimizer: optax.GradientTransformation,
                data: DeviceData, seed: int) -> TrainState:
-  """A fresh `TrainState` from `objective.init(key(seed), data)`."""
+  """A fresh `TrainState` from `objective.init(key(seed), data)`.
+
+  A leaf that is the same array as an earlier one (an `init` that put one
+  `zeros` in two places) is copied: the train step donates every leaf.
+  """
   params, model_state, run_key = objective.init(jax.random.key(seed), data)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    model_state=model_state, opt_state=optimizer.init(params),
-                    rng=jax.random.key_data(run_key))
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                     model_state=model_state,
+                     opt_state=optimizer.init(params),
+                     rng=jax.random.key_data(run_key))
+  seen = set()
+
+  def distinct(leaf):
+    if id(leaf) in seen:
+      return jnp.array(leaf, copy=True)
+    seen.add(id(leaf))
+    return leaf
+
+  return jax.tree.map(distinct, state)
 
 
 def make_train_step(objective: Objective,
