@@ -163,8 +163,11 @@ def load_backbone(path: str | os.PathLike, name: str | None = None,
   _, shapes = stored_shapes(directory)
   abstract = _abstract_variables(module, shapes)
   wanted = {'params': {'backbone': abstract.pop('params')}}
-  if abstract:  # state collections, e.g. running BatchNorm statistics
-    wanted['model_state'] = abstract
+  # State collections (running BatchNorm statistics) are the model state,
+  # or its 'backbone' part where the objective keeps more (multitask).
+  nested = any(k.startswith('model_state/backbone/') for k in shapes)
+  if abstract:
+    wanted['model_state'] = {'backbone': abstract} if nested else abstract
   try:
     _, restored = restore_subset(directory, wanted,
                                  exact=('params/backbone/',))
@@ -173,8 +176,9 @@ def load_backbone(path: str | os.PathLike, name: str | None = None,
         f'The checkpoint (step {e.step}) in {workdir} was written for another '
         f'architecture: it holds {_describe(stored_name, stored)}, but '
         f'{_describe(name, merged)} was asked for ({e.detail}).') from e
+  model_state = restored.get('model_state', {})
   variables = {'params': restored['params']['backbone'],
-               **restored.get('model_state', {})}
+               **(model_state.get('backbone', {}) if nested else model_state)}
   return backbones.Loaded(module, jax.tree.map(jnp.asarray, variables))
 
 

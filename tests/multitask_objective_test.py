@@ -227,6 +227,28 @@ def test_training_logs_every_task_and_a_killed_run_resumes_exactly(
                (resumed.params, resumed.model_state, resumed.opt_state))
 
 
+def test_a_new_head_on_a_trained_frozen_encoder(straight_run, mnist_dir,
+                                                tmp_path):
+  """A trained multi-task encoder (BatchNorm state included) starts a new
+  single-head run; a zero rate multiplier freezes it while the head
+  trains."""
+  straight_config, straight_dir, _ = straight_run
+  config = _config(mnist_dir, 'tasks=right,steps=2')
+  config.backbone.weights = str(straight_dir)
+  config.optimizer.rate_multipliers = dict(backbone=0.0)
+  harness.train_and_evaluate(config, str(tmp_path))
+  trained, _, initial = restore_train_state(config, tmp_path)
+  encoder = restore_train_state(straight_config, straight_dir)[0]
+  jax.tree.map(np.testing.assert_array_equal,
+               (initial.params['backbone'],
+                initial.model_state['backbone']),
+               (encoder.params['backbone'], encoder.model_state['backbone']))
+  jax.tree.map(np.testing.assert_array_equal, trained.params['backbone'],
+               encoder.params['backbone'])
+  assert not np.allclose(trained.params['heads']['right']['kernel'],
+                         initial.params['heads']['right']['kernel'])
+
+
 def test_delta_p_against_single_task_workdirs(straight_run, mnist_dir,
                                               tmp_path):
   _, straight_dir, results = straight_run
