@@ -110,7 +110,9 @@ def load_task_splits(name: str, **options: Any
     loader = class_image_splits
   else:
     raise ValueError(f'Unknown multi-task dataset {name!r}; known: '
-                     f'{TASK_DATASETS}.')
+                     f'{TASK_DATASETS} (a class dataset such as {name!r} '
+                     f"is split by image with name='class_images', "
+                     f"dataset=dict(name={name!r}, ...)).")
   check_options(loader, options, f'dataset {name!r}')
   return loader(**options)
 
