@@ -160,6 +160,31 @@ def test_conv_vmap_shared_kernel_and_nested():
       _assert_close(nested[i, j], looped[i][j])
 
 
+@pytest.mark.parametrize('batch,cin', [(4, 1), (130, 32)])
+def test_conv_per_task_gradients_of_shared_activations(batch, cin):
+  """A vmap over the cotangents of one pullback (multi-task per-task
+  gradients): the weight gradient folds the tasks into its output channels
+  (im2col for few input channels, the chunked XLA conv for many)."""
+  x, k = _normal(0, (batch, 6, 6, cin)), _normal(1, (3, 3, cin, 5))
+  fast = _fast_conv()
+
+  def losses(k):
+    y = fast(x, k)
+    return jnp.stack([jnp.sum(jnp.tanh(y)), jnp.sum(y[..., :2] ** 2),
+                      jnp.sum(jnp.sin(y))])
+
+  @jax.jit
+  def run(k):
+    _, pullback = jax.vjp(losses, k)
+    per_task = jax.vmap(pullback)(jnp.eye(3))[0]
+    looped = [jax.grad(lambda k, t=t: losses(k)[t])(k) for t in range(3)]
+    return per_task, looped
+
+  per_task, looped = run(k)
+  for t in range(3):
+    _assert_close(per_task[t], looped[t])
+
+
 def test_conv_vmap_of_second_order_gradient():
   tasks = 2
   xs, ks = _normal(0, (tasks, 3, 5, 5, 4)), _normal(1, (tasks, 3, 3, 4, 3))

@@ -165,7 +165,8 @@ _WGRAD_CHUNK_BYTES = 512 * 1024
 # Under `vmap` with a batched kernel (MAML's per-task weights) JAX turns a
 # conv into one grouped conv, which XLA:CPU runs ~3x slower than separate
 # convs; the rules below unroll over the vmapped axis instead, and fold it
-# into the image batch when the kernel is shared.
+# into the image batch when the kernel is shared (and into the output
+# channels of a weight gradient whose activations are shared).
 
 
 def _unrolled(fn, axis_size, in_batched, *args):
@@ -210,6 +211,14 @@ def _wgrad_impl(pads: _Pads, kernel_hw: tuple[int, int]):
   def _(axis_size, in_batched, x, g):
     if not any(in_batched):
       return impl(x, g), False
+    if in_batched == [False, True]:
+      # Shared activations, one output gradient per vmapped slice (per-task
+      # gradients of a multi-task loss): one weight gradient with the slices
+      # side by side in the output channels, a T-times wider matmul.
+      folded = jnp.moveaxis(g, 0, -2).reshape(*g.shape[1:-1], -1)
+      dw = impl(x, folded)
+      dw = dw.reshape(*dw.shape[:-1], axis_size, g.shape[-1])
+      return jnp.moveaxis(dw, -2, 0), True
     return _unrolled(impl, axis_size, in_batched, x, g)
 
   return impl
