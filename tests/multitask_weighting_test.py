@@ -29,7 +29,8 @@ def _combination(name, losses, grads=None, key=KEY, steps=0, **options):
   return weighting.combine(params, state, jnp.asarray(losses), gram, key)
 
 
-def test_task_gradients_equal_separate_grads():
+@pytest.mark.parametrize('batched', [True, False])
+def test_task_gradients_equal_separate_grads(batched):
   rng = np.random.default_rng(0)
   params = {'w': jnp.asarray(rng.normal(size=(4, 3)), jnp.float32),
             'b': jnp.asarray(rng.normal(size=(3,)), jnp.float32)}
@@ -39,7 +40,8 @@ def test_task_gradients_equal_separate_grads():
     out = jnp.tanh(x @ p['w'] + p['b'][None, :])
     return jnp.stack([jnp.sum(out[:, t] ** 2) * (t + 1) for t in range(3)]), 0
 
-  (values, _), grads = task_gradients(losses, params)
+  (values, _), grads = jax.jit(lambda p: task_gradients(
+      losses, p, batched=batched))(params)
   for t in range(3):
     expected = jax.grad(lambda p: losses(p)[0][t])(params)
     for name in params:
