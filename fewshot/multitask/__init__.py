@@ -1,6 +1,6 @@
 """Multi-task learning pieces below the objective: gradients and weighting.
 
-* `gradients`: per-task gradients in one vmapped pass, their Gram matrix;
+* `gradients`: per-task gradients from one forward pass, their Gram matrix;
 * `simplex`: the small simplex problems of MGDA and CAGrad;
 * `weighting`: equal, fixed, uncertainty, DWA, GradNorm, PCGrad, CAGrad,
   MGDA (`WEIGHTINGS`, `make_weighting`);

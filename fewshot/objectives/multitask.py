@@ -22,7 +22,7 @@ multi-task workdir is a pretrained backbone for any config. The model
 state is `{'backbone': BatchNorm statistics, 'weighting': the method's
 state}`. The step computes the `[T]` task losses in one forward pass; a
 `Weighting` that needs the task gradients' Gram matrix gets the per-task
-gradients of the shared parameters from one vmapped backward pass
+gradients of the shared parameters from one pullback per task
 (`fewshot.multitask.gradients`), the others one backward pass of the
 weighted loss.
 """
