@@ -81,6 +81,23 @@ def folder_splits(root: str | os.PathLike, *, image_size: int = 84,
       no split folders.
     seed: the random class split's seed.
   """
+  root = pathlib.Path(root).expanduser()
+  found = read_class_folders(root, image_size=image_size, channels=channels)
+  if isinstance(found, dict):
+    return found
+  return dict(zip(SPLITS, split_classes(found, fractions, seed)))
+
+
+def read_class_folders(root: str | os.PathLike, *, image_size: int,
+                       channels: int = 3
+                       ) -> ClassDataset | dict[str, ClassDataset]:
+  """Every image of `root/<class>/*` as one dataset, or `{split: dataset}`
+  if `root` holds `train/`, `val/` and `test/` folders of classes.
+
+  `root` is a folder or a zip of that layout (a single top folder inside
+  the zip is allowed); images are resized to `image_size` squares with
+  `channels` 1 (grayscale) or 3 (RGB).
+  """
   if channels not in (1, 3):
     raise ValueError(f'channels must be 1 or 3, got {channels}.')
   root = pathlib.Path(root).expanduser()
@@ -104,8 +121,7 @@ def folder_splits(root: str | os.PathLike, *, image_size: int = 84,
     raise ValueError(f'Expected {root}/<class>/<image> (or '
                      f'{root}/train|val|test/<class>/<image>); found images at '
                      f'depths {sorted(depth)}.')
-  dataset = _dataset([(parts[0], image) for parts, image in items], str(root))
-  return dict(zip(SPLITS, split_classes(dataset, fractions, seed)))
+  return _dataset([(parts[0], image) for parts, image in items], str(root))
 
 
-__all__ = ['folder_splits']
+__all__ = ['folder_splits', 'read_class_folders']

@@ -24,7 +24,7 @@ import numpy as np
 
 from fewshot.data.batches import MultiLabelImages
 from fewshot.data.idx import load_mnist_split
-from fewshot.data.tfds_loading import default_manual_dir
+from fewshot.data.cache import default_manual_dir
 
 VARIANTS = ('mnist', 'fashion', 'mixed')
 FASHION_SYSTEM_DIR = '/usr/share/datasets/fashion-mnist'  # Debian package

@@ -22,38 +22,22 @@ import os
 import pathlib
 import re
 from typing import Any, Sequence
-import uuid
-import zipfile
 
 import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
 from fewshot.data import builders as _builders  # pylint: disable=unused-import
+# DATA_DIR_ENV, MANUAL_DIR_ENV and the default_*_dir helpers are re-exported.
+from fewshot.data.cache import (  # pylint: disable=unused-import
+    CACHE_SUBDIR, DATA_DIR_ENV, MANUAL_DIR_ENV, default_data_dir,
+    default_manual_dir, load_cached, save_cached)
 from fewshot.data.dataset import ClassDataset
 from fewshot.data.dataset import resize_images
 
-DATA_DIR_ENV = 'FEWSHOT_DATA_DIR'
-MANUAL_DIR_ENV = 'FEWSHOT_MANUAL_DIR'
-CACHE_SUBDIR = 'fewshot_cache'
 _CACHE_FORMAT = 1
 _CHUNK = 2048
 _PIL_MODES = {1: 'L', 3: 'RGB', 4: 'RGBA'}
-
-
-def default_data_dir(data_dir: str | os.PathLike | None = None) -> str | None:
-  """`data_dir`, else `$FEWSHOT_DATA_DIR`, else None (TFDS's default)."""
-  if data_dir is not None:
-    return os.fspath(data_dir)
-  return os.environ.get(DATA_DIR_ENV) or None
-
-
-def default_manual_dir(manual_dir: str | os.PathLike | None = None
-                       ) -> str | None:
-  """`manual_dir`, else `$FEWSHOT_MANUAL_DIR`, else None."""
-  if manual_dir is not None:
-    return os.fspath(manual_dir)
-  return os.environ.get(MANUAL_DIR_ENV) or None
 
 
 def get_builder(name: str, *, data_dir: str | os.PathLike | None = None,
@@ -91,49 +75,6 @@ def _cache_path(builder: tfds.core.DatasetBuilder, split: str,
   parts.append(str(builder.version))
   folder = pathlib.Path(os.fspath(builder.data_dir_root), CACHE_SUBDIR, *parts)
   return folder / f'{safe_split}-{size}-{digest}.npz'
-
-
-def _save_cache(path: pathlib.Path, dataset: ClassDataset,
-                key: dict[str, Any]) -> None:
-  """Writes `dataset` to `path` atomically (temp file, then os.replace)."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  groups = dataset.class_groups
-  tmp = path.with_name(f'.{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp')
-  try:
-    with open(tmp, 'wb') as f:
-      np.savez(
-          f,
-          images=dataset.images,
-          labels=dataset.labels,
-          class_names=np.array(dataset.class_names, dtype=str),
-          class_groups=np.array(groups if groups is not None else [],
-                                dtype=str),
-          key=np.array(json.dumps(
-              {**key, 'has_groups': groups is not None}, sort_keys=True)))
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
-def _load_cache(path: pathlib.Path, key: dict[str, Any]
-                ) -> ClassDataset | None:
-  """The cached dataset, or None if absent, unreadable or for another key."""
-  if not path.exists():
-    return None
-  try:
-    with np.load(path, allow_pickle=False) as data:
-      stored = json.loads(str(data['key']))
-      has_groups = stored.pop('has_groups')
-      if stored != key:
-        return None
-      names = tuple(str(n) for n in data['class_names'])
-      groups = (tuple(str(g) for g in data['class_groups'])
-                if has_groups else None)
-      return ClassDataset(data['images'], data['labels'], names, groups)
-  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-    return None  # Truncated or foreign file: rebuild it.
 
 
 def _decode(data: bytes, mode: str | None, image_size: int | None
@@ -280,13 +221,13 @@ def load_class_dataset(name: str, split: str, *,
       'image_size': image_size,
   }
   path = _cache_path(builder, split, key)
-  dataset = _load_cache(path, key)
+  dataset = load_cached(path, key)
   if dataset is not None:
     return dataset
   builder = get_builder(name, data_dir=data_dir, manual_dir=manual_dir)
   dataset = _read_split(builder, split, image_key, label_key, group_key,
                         image_size)
-  _save_cache(path, dataset, key)
+  save_cached(path, dataset, key)
   return dataset
 
 

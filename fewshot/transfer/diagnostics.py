@@ -33,8 +33,9 @@ def median_bandwidth(source_NxD: jax.Array, target_MxD: jax.Array) -> jax.Array:
 
 def mmd(source_features: jax.Array, target_features: jax.Array, *,
         bandwidths: Sequence[float] | jax.Array | None = None,
-        multipliers: Sequence[float] = DEFAULT_MULTIPLIERS) -> jax.Array:
-  """Unbiased multi-kernel Gaussian MMD^2 of two samples (Gretton et al. 2012).
+        multipliers: Sequence[float] = DEFAULT_MULTIPLIERS,
+        biased: bool = False) -> jax.Array:
+  """Multi-kernel Gaussian MMD^2 of two samples (Gretton et al. 2012).
 
   The kernel is the mean of Gaussians `exp(-||x - y||^2 / (2 s^2))` over the
   bandwidths `s` (as in DAN, Long et al. 2015). The unbiased estimator
@@ -49,6 +50,7 @@ def mmd(source_features: jax.Array, target_features: jax.Array, *,
       bandwidth (the median pairwise distance of the pooled samples, an
       O((n+m)^2) computation) times each of `multipliers`.
     multipliers: see `bandwidths`.
+    biased: the V-statistic instead of the unbiased U-statistic.
 
   Returns:
     A scalar, the MMD^2 estimate.
@@ -74,8 +76,11 @@ def mmd(source_features: jax.Array, target_features: jax.Array, *,
   k_ss = kernel(pairwise_squared_distances(source, source))
   k_tt = kernel(pairwise_squared_distances(target, target))
   k_st = kernel(pairwise_squared_distances(source, target))
-  within_source = (jnp.sum(k_ss) - jnp.trace(k_ss)) / (n * (n - 1))
-  within_target = (jnp.sum(k_tt) - jnp.trace(k_tt)) / (m * (m - 1))
+  if biased:
+    within_source, within_target = jnp.mean(k_ss), jnp.mean(k_tt)
+  else:
+    within_source = (jnp.sum(k_ss) - jnp.trace(k_ss)) / (n * (n - 1))
+    within_target = (jnp.sum(k_tt) - jnp.trace(k_tt)) / (m * (m - 1))
   return within_source + within_target - 2.0 * jnp.mean(k_st)
 
 
