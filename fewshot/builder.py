@@ -255,6 +255,9 @@ def build(config: ml_collections.ConfigDict, *,
   if has_objective and config.objective.get('name') == 'multitask':
     from fewshot.builder_multitask import build_multitask  # pylint: disable=g-import-not-at-top
     return build_multitask(config, pretrained=pretrained)
+  if has_objective and config.objective.get('name') == 'adaptation':
+    from fewshot.builder_adaptation import build_adaptation  # pylint: disable=g-import-not-at-top
+    return build_adaptation(config, pretrained=pretrained)
   splits = load_splits(config.data, ('train', 'val', 'test') if has_objective
                        else ('train', 'test'))
   backbone = build_backbone(config.backbone, pretrained=pretrained)

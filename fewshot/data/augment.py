@@ -108,3 +108,101 @@ def rotate_quarter_turns(images: jax.Array, turns: jax.Array) -> jax.Array:
   rotations = jnp.stack([jnp.rot90(images, k, axes=(1, 2))
                          for k in range(4)])              # [4, B, H, W, C]
   return rotations[turns, jnp.arange(images.shape[0])]
+
+
+def random_affine(key: jax.Array, images: jax.Array, *,
+                  rotation_degrees: float = 15.0,
+                  scale: tuple[float, float] = (0.9, 1.1),
+                  translate: float = 0.1) -> jax.Array:
+  """Each image rotated, scaled and shifted at random about its centre.
+
+  Angles are uniform in `+-rotation_degrees`, scales in `scale`, shifts in
+  `+-translate` of the side; bilinear sampling, zeros outside the image.
+  """
+  batch, height, width, channels = images.shape
+  angle_key, scale_key, shift_key = jax.random.split(key, 3)
+  angles = jnp.deg2rad(jax.random.uniform(
+      angle_key, (batch,), minval=-rotation_degrees, maxval=rotation_degrees))
+  scales = jax.random.uniform(scale_key, (batch,), minval=scale[0],
+                              maxval=scale[1])
+  shifts = jax.random.uniform(shift_key, (batch, 2), minval=-translate,
+                              maxval=translate) * jnp.array([height, width])
+  rows, cols = jnp.meshgrid(jnp.arange(height, dtype=jnp.float32),
+                            jnp.arange(width, dtype=jnp.float32),
+                            indexing='ij')
+  centre = jnp.array([(height - 1) / 2, (width - 1) / 2])
+
+  def warp(image, angle, factor, shift):
+    # Output pixel p samples the input at R(-angle) (p - c - shift) / s + c.
+    y, x = rows - centre[0] - shift[0], cols - centre[1] - shift[1]
+    cos, sin = jnp.cos(angle), jnp.sin(angle)
+    source_y = (cos * y - sin * x) / factor + centre[0]
+    source_x = (sin * y + cos * x) / factor + centre[1]
+    sample = lambda plane: jax.scipy.ndimage.map_coordinates(
+        plane, [source_y, source_x], order=1, mode='constant', cval=0.0)
+    return jax.vmap(sample, in_axes=-1, out_axes=-1)(
+        image.astype(jnp.float32))
+
+  warped = jax.vmap(warp)(images, angles, scales, shifts)
+  return _like(warped, images)
+
+
+def random_brightness_contrast(key: jax.Array, images: jax.Array, *,
+                               brightness: float = 0.4,
+                               contrast: float = 0.4) -> jax.Array:
+  """Each image's contrast scaled about its mean by `1 +- contrast` and its
+  brightness shifted by `+- brightness` of the range (uniform draws)."""
+  batch = images.shape[0]
+  brightness_key, contrast_key = jax.random.split(key)
+  top = 255.0 if images.dtype == jnp.uint8 else 1.0
+  shift = jax.random.uniform(brightness_key, (batch, 1, 1, 1),
+                             minval=-brightness, maxval=brightness) * top
+  factor = jax.random.uniform(contrast_key, (batch, 1, 1, 1),
+                              minval=1 - contrast, maxval=1 + contrast)
+  x = images.astype(jnp.float32)
+  mean = jnp.mean(x, axis=(1, 2, 3), keepdims=True)
+  return _like(jnp.clip((x - mean) * factor + mean + shift, 0.0, top), images)
+
+
+def random_cutout(key: jax.Array, images: jax.Array,
+                  size_fraction: float = 0.5) -> jax.Array:
+  """Each image with a square of side up to `size_fraction` of its height
+  (uniform) set to mid-grey, centred anywhere in it (DeVries & Taylor)."""
+  batch, height, width, _ = images.shape
+  size_key, row_key, col_key = jax.random.split(key, 3)
+  half = jax.random.uniform(size_key, (batch, 1, 1)) * size_fraction * height / 2
+  row = jax.random.uniform(row_key, (batch, 1, 1)) * height
+  col = jax.random.uniform(col_key, (batch, 1, 1)) * width
+  rows = jnp.arange(height, dtype=jnp.float32)[None, :, None]
+  cols = jnp.arange(width, dtype=jnp.float32)[None, None, :]
+  inside = (jnp.abs(rows - row) < half) & (jnp.abs(cols - col) < half)
+  grey = 128 if images.dtype == jnp.uint8 else 0.5
+  return jnp.where(inside[..., None], jnp.asarray(grey, images.dtype), images)
+
+
+def strong_augment(key: jax.Array, images: jax.Array, *,
+                   flip: bool = False, rotation_degrees: float = 15.0,
+                   translate: float = 0.125, brightness: float = 0.4,
+                   contrast: float = 0.4, cutout: float = 0.5) -> jax.Array:
+  """The strong view of self-training (a fixed-strength RandAugment stand-in).
+
+  A random affine warp (`random_affine`), brightness and contrast
+  (`random_brightness_contrast`), cutout (`random_cutout`) and, with
+  `flip`, a random mirror; every draw per image.
+  """
+  flip_key, affine_key, colour_key, cutout_key = jax.random.split(key, 4)
+  if flip:
+    images = random_flip(flip_key, images)
+  images = random_affine(affine_key, images, rotation_degrees=rotation_degrees,
+                         translate=translate)
+  images = random_brightness_contrast(colour_key, images,
+                                      brightness=brightness,
+                                      contrast=contrast)
+  return random_cutout(cutout_key, images, cutout)
+
+
+def _like(values: jax.Array, images: jax.Array) -> jax.Array:
+  """Float `values` in the dtype of `images` (rounded and clipped for uint8)."""
+  if images.dtype == jnp.uint8:
+    return jnp.clip(jnp.round(values), 0, 255).astype(jnp.uint8)
+  return values.astype(images.dtype)

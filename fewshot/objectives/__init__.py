@@ -6,6 +6,7 @@ result. A new objective is a new file with a factory returning an
 `Objective`, plus its entry in the builder.
 """
 
+from fewshot.objectives.adaptation import adaptation
 from fewshot.objectives.base import (Objective, TrainState, init_state,
                                      make_train_step)
 from fewshot.objectives.episodic import episodic
@@ -14,12 +15,13 @@ from fewshot.objectives.multitask import multitask
 from fewshot.objectives.supervised import supervised
 
 OBJECTIVES = {
+    'adaptation': adaptation,
     'episodic': episodic,
     'metric': metric,
     'multitask': multitask,
     'supervised': supervised,
 }
 
-__all__ = ['OBJECTIVES', 'Objective', 'TrainState', 'episodic',
+__all__ = ['OBJECTIVES', 'Objective', 'TrainState', 'adaptation', 'episodic',
            'init_state', 'make_train_step', 'metric', 'multitask',
            'supervised']
