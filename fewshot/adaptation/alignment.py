@@ -28,9 +28,9 @@ def mmd_loss(source_BxD: jax.Array, target_BxD: jax.Array, *,
 
 
 def _moments(x_BxD: jax.Array) -> tuple[jax.Array, jax.Array]:
-  mean = jnp.mean(x_BxD, axis=0)
+  mean = jnp.mean(x_BxD, axis=0, keepdims=True)
   centred = x_BxD - mean
-  return mean, centred.T @ centred / (x_BxD.shape[0] - 1)
+  return mean[0], centred.T @ centred / (x_BxD.shape[0] - 1)
 
 
 def coral(source_BxD: jax.Array, target_BxD: jax.Array) -> jax.Array:

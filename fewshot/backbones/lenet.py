@@ -65,5 +65,5 @@ class LeNet(nn.Module):
                      k, s, d, -bound, bound), name='fc')(x)
     if use_norm:
       multiplier, offset = normalise(x, 'norm_fc')
-      x = x * multiplier + offset
+      x = x * multiplier[None, :] + offset[None, :]
     return nn.relu(x)

@@ -126,7 +126,7 @@ def random_affine(key: jax.Array, images: jax.Array, *,
   scales = jax.random.uniform(scale_key, (batch,), minval=scale[0],
                               maxval=scale[1])
   shifts = jax.random.uniform(shift_key, (batch, 2), minval=-translate,
-                              maxval=translate) * jnp.array([height, width])
+                              maxval=translate) * jnp.array([[height, width]])
   rows, cols = jnp.meshgrid(jnp.arange(height, dtype=jnp.float32),
                             jnp.arange(width, dtype=jnp.float32),
                             indexing='ij')
