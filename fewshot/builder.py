@@ -35,7 +35,8 @@ from fewshot.evaluators.episodes import (FewShotLearner, feature_cache,
 from fewshot.evaluators.retrieval import Embedder, retrieval_evaluator
 from fewshot.experiment import Experiment
 from fewshot.features import FEATURE_ALGORITHMS
-from fewshot.objectives import OBJECTIVES, episodic, metric, supervised
+from fewshot.objectives import (OBJECTIVES, distillation, episodic, metric,
+                                supervised)
 from fewshot.objectives.metric import embedder_params, metric_embedder
 from fewshot.optimizers import make_optimizer
 from fewshot.reports import ReportModel
@@ -164,12 +165,54 @@ def _metric(options, splits, backbone, make_algorithm, seed):
                 Embedder(embedder, embedder_params))
 
 
+def _teacher(option, sample_images, seed):
+  """`(teacher backbone, {'params', 'state', 'head'})` of `objective.teacher`:
+  a workdir (its backbone and classifier head) or a backbone section
+  (`name`, `weights`, ...; a head only if `weights` is a workdir)."""
+  if isinstance(option, str):
+    section = {'name': workdir_lib.stored_backbone_name(option),
+               'weights': option}
+  else:
+    section = dict(option)
+  if not section.get('weights'):
+    raise ValueError('objective.teacher needs trained weights: a workdir, or '
+                     "a backbone section with weights ('imagenet' or a "
+                     'workdir).')
+  teacher = build_backbone(ml_collections.ConfigDict(section))
+  params, state = teacher.init(jax.random.key(seed), sample_images)
+  head = (workdir_lib.load_head(section['weights'])
+          if is_path(section['weights']) else None)
+  return teacher, {'params': params, 'state': state, 'head': head}
+
+
+def _distillation(options, splits, backbone, make_algorithm, seed):
+  train = splits['train']
+  if options['batch_size'] > len(train.images):
+    raise ValueError(f'batch_size {options["batch_size"]} exceeds the '
+                     f'{len(train.images)} training images.')
+  options = dict(options)
+  teacher, variables = _teacher(options.pop('teacher'),
+                                jnp.asarray(train.images[:2]), seed)
+  objective = distillation(backbone, teacher=teacher,
+                           teacher_variables=variables,
+                           num_classes=train.num_classes, **options)
+  learner = pretrained_learner(make_algorithm(backbone), train,
+                               _backbone_params)._replace(
+                                   model_state=lambda state: state['backbone'])
+  data = labelled_images(train)
+  initial = lambda: objective.init(jax.random.key(seed), data)[:2]
+  return _Built(objective, data, learner, initial,
+                Embedder(backbone, _backbone_params,
+                         lambda state: state['backbone']))
+
+
 # objective name -> (its factory's arguments that the builder supplies,
 #   (options, splits, backbone, make_algorithm, seed) -> _Built).
 _OBJECTIVE_BUILDERS = {
     'episodic': ((), _episodic),
     'supervised': (('num_classes',), _supervised),
     'metric': (('num_classes',), _metric),
+    'distillation': (('num_classes', 'teacher_variables'), _distillation),
 }
 
 

@@ -182,6 +182,29 @@ def load_backbone(path: str | os.PathLike, name: str | None = None,
   return backbones.Loaded(module, jax.tree.map(jnp.asarray, variables))
 
 
+def stored_backbone_name(path: str | os.PathLike) -> str:
+  """The backbone name a workdir's `config.json` records."""
+  with open(os.path.join(_resolve(path), CONFIG)) as f:
+    return json.load(f)['backbone']['name']
+
+
+def load_head(path: str | os.PathLike) -> dict[str, jax.Array] | None:
+  """The classifier head a workdir trained (`params['head']`: a supervised
+  pretraining or adaptation run), or None if its objective has none."""
+  workdir = _resolve(path)
+  directory = checkpoint_dir(workdir)
+  _, shapes = stored_shapes(directory)
+  prefix = 'params/head/'
+  head = {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
+  if not head or any('/' in k for k in head):
+    return None
+  wanted = {'params': {'head': {k: jax.ShapeDtypeStruct(v, jnp.float32)
+                                for k, v in head.items()}}}
+  _, restored = restore_subset(directory, wanted)
+  return jax.tree.map(jnp.asarray, restored['params']['head'])
+
+
 __all__ = ['CHECKPOINTS', 'CONFIG', 'METRICS', 'MetricsLog', 'checkpoint_dir',
-           'has_checkpoints', 'load_backbone', 'restore_state',
+           'has_checkpoints', 'load_backbone', 'load_head',
+           'stored_backbone_name', 'restore_state',
            'write_config_once', 'write_json_atomic']
