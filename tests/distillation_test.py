@@ -155,3 +155,20 @@ def test_born_again_generations_chain_through_workdirs(tmp_path):
         name='conv4', filters=8, norm='batch_running'))
   params, _ = builder.build(config).initial()
   assert params['projection']['kernel'].shape == (8, 16)
+
+
+def test_init_copies_the_teacher_so_a_donating_step_leaves_it_usable():
+  teacher, variables = _teacher()
+  student = backbones.create('conv4', filters=4, norm='batch_running')
+  data = LabelledImages(
+      images=jnp.asarray(RNG.integers(0, 255, (8, 16, 16, 1)), jnp.uint8),
+      labels=jnp.asarray(RNG.integers(0, 4, 8), jnp.int32))
+  objective = distillation(student, teacher=teacher,
+                           teacher_variables=variables, num_classes=4,
+                           batch_size=8)
+  optimizer = optax.sgd(0.1)
+  step = jax.jit(make_train_step(objective, optimizer), donate_argnums=0)
+  step(init_state(objective, optimizer, data, 0), data)
+  state = init_state(objective, optimizer, data, 0)  # a second run
+  np.testing.assert_array_equal(state.model_state['teacher']['head']['kernel'],
+                                variables['head']['kernel'])

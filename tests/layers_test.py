@@ -24,7 +24,7 @@ LOWER = ('fewshot.algorithms', 'fewshot.transfer', 'fewshot.backbones',
          'fewshot.data', 'fewshot.ops', 'fewshot.episodes', 'fewshot.heads',
          'fewshot.stats', 'fewshot.optimizers', 'fewshot.losses',
          'fewshot.features', 'fewshot.objectives', 'fewshot.metric',
-         'fewshot.multitask')
+         'fewshot.multitask', 'fewshot.adaptation', 'fewshot.distillation')
 
 
 def _module_name(path: pathlib.Path) -> str:

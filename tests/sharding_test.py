@@ -19,8 +19,10 @@ import json, os, sys
 import jax, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 sys.path.insert(0, {repo!r})
-from configs import (metric_synthetic, multitask_multimnist,
+from configs import (adapt_digits, metric_synthetic, multitask_multimnist,
                      pretrain_synthetic, protonet_synthetic)
+import fewshot.builder_adaptation as adaptation_builder
+from fewshot.data.dataset import ClassDataset
 from fewshot import builder, harness
 from fewshot.evaluators import workdir as evaluation
 from fewshot.objectives import init_state, make_train_step
@@ -89,6 +91,21 @@ config.objective.tasks = dict(character=dict(stream='images', labels='class'),
                                             labels='rotation'))
 config.optimizer = dict(name='sgd', learning_rate=0.05)
 report['multitask'] = three_steps(builder.build(config), 'multitask')
+# The adaptation objective: source and target minibatches (and the strong
+# target view) drawn in one step and split over the devices alike; CDAN+E.
+def generated_domain(name, **options):
+  rng = np.random.default_rng(len(name))
+  labels = np.repeat(np.arange(10), 4)
+  images = rng.integers(0, 255, (40, 28, 28, 1)).astype(np.uint8)
+  return {{s: ClassDataset(images, labels, tuple(map(str, range(10))))
+          for s in ('train', 'val', 'test')}}
+adaptation_builder.load_domain = generated_domain
+config = adapt_digits.get_config('method=cdan_e,self_training=true,steps=3,'
+                                 'batch_size=8')
+config.backbone.filters = (4, 8)
+config.backbone.hidden = 16
+config.optimizer = dict(name='sgd', learning_rate=0.05)
+report['adaptation'] = three_steps(builder.build(config), 'adaptation')
 # The whole harness (placement, validation, test, checkpoints) on the
 # supervised objective: its minibatch axis is split over the devices.
 config = pretrain_synthetic.get_config('steps=3')
@@ -139,7 +156,8 @@ def _leaves(path):
 
 
 @pytest.mark.parametrize('name', ['maml', 'protonet', 'metric_triplet',
-                                  'metric_proxy_anchor', 'multitask'])
+                                  'metric_proxy_anchor', 'multitask',
+                                  'adaptation'])
 def test_four_devices_match_one(runs, name):
   one, four = _leaves(runs / f'{name}-1.npz'), _leaves(runs / f'{name}-4.npz')
   assert len(one) == len(four)

@@ -129,7 +129,8 @@ def distillation(backbone: Backbone, *, teacher: Backbone,
       del matched_student
       params['projection'] = init_projection(
           projection_key, student_hint.shape[-1], matched_teacher.shape[-1])
-    teacher_state = jax.tree.map(jnp.asarray, {
+    # Copies: the train step donates its state, and `frozen` must outlive it.
+    teacher_state = jax.tree.map(lambda v: jnp.array(v, copy=True), {
         k: v for k, v in frozen.items() if v is not None})
     return params, {'backbone': model_state, 'teacher': teacher_state}, run_key
 
