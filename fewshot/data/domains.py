@@ -12,7 +12,8 @@ images are split, not the classes). Names:
   val as for MNIST, test the official 2,007;
 * 'fashion_mnist': the IDX files of `<manual_dir>/fashion-mnist` or the
   Debian package (`apt-get install dataset-fashion-mnist`);
-* 'pacs' with `domain` (art_painting, cartoon, photo, sketch): the images
+* 'pacs' with `domain` (art_painting, cartoon, photo, sketch, or several
+  joined by '+', e.g. the three sources of leave-one-domain-out): the images
   of `<manual_dir>/pacs/pacs_128.zip` (downscaled to 128x128 in this
   copy); train and val are the committed seeded 90/10 split
   (`splits/pacs.json`), test is every image of the domain (the standard
@@ -150,9 +151,18 @@ def pacs_val_names() -> dict[str, list[str]]:
 
 
 def _pacs(manual_dir, domain: str | None) -> dict[str, ClassDataset]:
-  if domain not in PACS_DOMAINS:
-    raise ValueError(f'Unknown PACS domain {domain!r}; known: '
-                     f'{", ".join(PACS_DOMAINS)}.')
+  """One PACS domain, or several joined by '+' (domain generalisation's
+  sources: every split the union of theirs)."""
+  names = (domain or '').split('+')
+  unknown = [n for n in names if n not in PACS_DOMAINS]
+  if unknown:
+    raise ValueError(f'Unknown PACS domain {unknown[0]!r}; known: '
+                     f'{", ".join(PACS_DOMAINS)} (several joined by +).')
+  if len(names) > 1:
+    parts = [_pacs(manual_dir, n) for n in names]
+    return {s: ClassDataset(np.concatenate([p[s].images for p in parts]),
+                            np.concatenate([p[s].labels for p in parts]),
+                            parts[0][s].class_names) for s in SPLITS}
   import zipfile  # pylint: disable=g-import-not-at-top
   archive = _manual_path(manual_dir, PACS_ARCHIVE, 'PACS')
   prefix = f'PACS/{domain}/'
