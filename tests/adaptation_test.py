@@ -15,7 +15,6 @@ from fewshot.data.augment import random_affine, strong_augment
 from fewshot.data.dataset import ClassDataset
 from fewshot.data.batches import labelled_images
 from fewshot.objectives import init_state, make_train_step
-from fewshot.objectives.adaptation import METHODS
 from fewshot.objectives.adaptation import adaptation as adaptation_objective
 from helpers import load_config
 
@@ -257,7 +256,8 @@ def _patch_domains(monkeypatch, target):
                                                else target))
 
 
-@pytest.mark.parametrize('method', METHODS)
+# CDAN, MMD and CORAL share these paths; their losses are checked above.
+@pytest.mark.parametrize('method', ('source_only', 'dann', 'cdan_e', 'mcc'))
 def test_every_method_takes_finite_steps_that_move_every_parameter(method):
   backbone = backbones.create('lenet', filters=(4, 8), hidden=16)
   source, target = _domain(0)['train'], _domain(60)['train']
