@@ -26,11 +26,12 @@ import jax.numpy as jnp
 from fewshot._utils import check_options
 from fewshot.backbones.base import Backbone
 from fewshot.data.augment import crop_and_flip
-from fewshot.data.batches import LabelledImages, batch_indices
+from fewshot.data.batches import LabelledImages
 from fewshot.distillation import (apply_capturing, hint_loss, init_projection,
                                   kd_loss, match_spatial)
 from fewshot.heads import classifier_logits, init_head
 from fewshot.objectives.base import Objective
+from fewshot.objectives.supervised import sample_minibatch
 
 
 def distillation(backbone: Backbone, *, teacher: Backbone,
@@ -135,11 +136,7 @@ def distillation(backbone: Backbone, *, teacher: Backbone,
     return params, {'backbone': model_state, 'teacher': teacher_state}, run_key
 
   def sample(run_key, step, data: LabelledImages):
-    order_key, augment_key = jax.random.split(run_key)
-    index = batch_indices(order_key, step, data.num_images, batch_size)
-    images = crop_and_flip(jax.random.fold_in(augment_key, step),
-                           data.images[index], **augment)
-    return LabelledImages(images=images, labels=data.labels[index])
+    return sample_minibatch(run_key, step, data, batch_size, augment)
 
   def loss(params, model_state, batch: LabelledImages, key):
     del key

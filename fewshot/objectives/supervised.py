@@ -23,6 +23,18 @@ from fewshot.heads import classifier_logits, init_head
 from fewshot.objectives.base import Objective
 
 
+def sample_minibatch(run_key: jax.Array, step: jax.Array,
+                     data: LabelledImages, batch_size: int,
+                     augment: dict[str, Any]) -> LabelledImages:
+  """Step `step`'s `[batch_size]` minibatch of an epoch permutation of
+  `data` (`batch_indices`), augmented by `crop_and_flip(**augment)`."""
+  order_key, augment_key = jax.random.split(run_key)
+  index = batch_indices(order_key, step, data.num_images, batch_size)
+  images = crop_and_flip(jax.random.fold_in(augment_key, step),
+                         data.images[index], **augment)
+  return LabelledImages(images=images, labels=data.labels[index])
+
+
 def supervised(backbone: Backbone, *, num_classes: int, batch_size: int,
                head: str = 'linear', init_scale: float = 10.0,
                augment: dict[str, Any] | None = None) -> Objective:
@@ -57,11 +69,7 @@ def supervised(backbone: Backbone, *, num_classes: int, batch_size: int,
     return params, model_state, run_key
 
   def sample(run_key, step, data: LabelledImages):
-    order_key, augment_key = jax.random.split(run_key)
-    index = batch_indices(order_key, step, data.num_images, batch_size)
-    images = crop_and_flip(jax.random.fold_in(augment_key, step),
-                           data.images[index], **augment)
-    return LabelledImages(images=images, labels=data.labels[index])
+    return sample_minibatch(run_key, step, data, batch_size, augment)
 
   def loss(params, model_state, batch: LabelledImages, key):
     del key  # deterministic given the batch
@@ -76,4 +84,4 @@ def supervised(backbone: Backbone, *, num_classes: int, batch_size: int,
   return Objective(init=init, sample=sample, loss=loss, unit='images')
 
 
-__all__ = ['supervised']
+__all__ = ['sample_minibatch', 'supervised']
