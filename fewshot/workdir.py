@@ -190,10 +190,19 @@ def stored_backbone_name(path: str | os.PathLike) -> str:
 
 def load_head(path: str | os.PathLike) -> dict[str, jax.Array] | None:
   """The classifier head a workdir trained (`params['head']`: a supervised
-  pretraining or adaptation run), or None if its objective has none."""
+  pretraining or distillation run), or None if its objective has none.
+
+  Raises a ValueError for a head behind a bottleneck layer (an adaptation
+  run with `bottleneck_dim`): the head alone would not classify backbone
+  features.
+  """
   workdir = _resolve(path)
   directory = checkpoint_dir(workdir)
   _, shapes = stored_shapes(directory)
+  if any(k.startswith('params/bottleneck/') for k in shapes):
+    raise ValueError(f'{workdir} classifies through a bottleneck layer, so '
+                     'its head alone cannot be a teacher; train one without '
+                     'bottleneck_dim.')
   prefix = 'params/head/'
   head = {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
   if not head or any('/' in k for k in head):

@@ -339,3 +339,29 @@ def test_the_config_names_its_domains():
   config = load_config('adapt_digits', 'source=usps,target=mnist,method=mcc')
   assert config.source.name == 'usps' and config.target.name == 'mnist'
   assert isinstance(config.objective, ml_collections.ConfigDict)
+
+
+def test_pacs_domains_joined_by_plus_are_the_union_of_their_splits(tmp_path):
+  import io, zipfile  # pylint: disable=g-import-not-at-top,multiple-imports
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  (tmp_path / 'pacs').mkdir()
+  with zipfile.ZipFile(tmp_path / domains.PACS_ARCHIVE, 'w') as archive:
+    for d, domain in enumerate(('photo', 'sketch')):
+      for name in ('dog', 'horse'):
+        for i in range(2 + d):
+          buffer = io.BytesIO()
+          Image.fromarray(np.full((8, 8, 3), 40 * d, np.uint8)).save(
+              buffer, 'PNG')
+          archive.writestr(f'PACS/{domain}/{name}/{i}.png', buffer.getvalue())
+  one = {d: domains.load_domain('pacs', domain=d, manual_dir=tmp_path)
+         for d in ('photo', 'sketch')}
+  both = domains.load_domain('pacs', domain='photo+sketch',
+                             manual_dir=tmp_path)
+  assert both['test'].class_names == ('dog', 'horse')
+  for split in ('train', 'test'):
+    np.testing.assert_array_equal(
+        both[split].images, np.concatenate([one['photo'][split].images,
+                                            one['sketch'][split].images]))
+  assert len(both['test'].labels) == 4 + 6
+  with pytest.raises(ValueError, match="Unknown PACS domain 'clipart'"):
+    domains.load_domain('pacs', domain='photo+clipart', manual_dir=tmp_path)

@@ -79,6 +79,13 @@ def test_the_hint_loss_pools_the_larger_map_and_projects_channels():
                              rtol=1e-5)
 
 
+def _labelled(count):
+  """`count` random 16x16 grey images with labels in 0..3."""
+  return LabelledImages(
+      images=jnp.asarray(RNG.integers(0, 255, (count, 16, 16, 1)), jnp.uint8),
+      labels=jnp.asarray(RNG.integers(0, 4, count), jnp.int32))
+
+
 def _teacher(output_classes=4):
   teacher = backbones.create('conv4', filters=4, norm='batch_running')
   images = jnp.zeros((2, 16, 16, 1), jnp.uint8)
@@ -91,9 +98,7 @@ def _teacher(output_classes=4):
 def test_the_teacher_stays_frozen_while_the_student_learns():
   teacher, variables = _teacher()
   student = backbones.create('conv4', filters=4, norm='batch_running')
-  data = LabelledImages(
-      images=jnp.asarray(RNG.integers(0, 255, (16, 16, 16, 1)), jnp.uint8),
-      labels=jnp.asarray(RNG.integers(0, 4, 16), jnp.int32))
+  data = _labelled(16)
   objective = distillation(student, teacher=teacher,
                            teacher_variables=variables, num_classes=4,
                            batch_size=8, hint=dict(student='conv3',
@@ -169,9 +174,7 @@ def test_a_workdir_is_a_teacher_for_either_architecture(tmp_path):
 def test_init_copies_the_teacher_so_a_donating_step_leaves_it_usable():
   teacher, variables = _teacher()
   student = backbones.create('conv4', filters=4, norm='batch_running')
-  data = LabelledImages(
-      images=jnp.asarray(RNG.integers(0, 255, (8, 16, 16, 1)), jnp.uint8),
-      labels=jnp.asarray(RNG.integers(0, 4, 8), jnp.int32))
+  data = _labelled(8)
   objective = distillation(student, teacher=teacher,
                            teacher_variables=variables, num_classes=4,
                            batch_size=8)
@@ -181,3 +184,23 @@ def test_init_copies_the_teacher_so_a_donating_step_leaves_it_usable():
   state = init_state(objective, optimizer, data, 0)  # a second run
   np.testing.assert_array_equal(state.model_state['teacher']['head']['kernel'],
                                 variables['head']['kernel'])
+
+
+def test_alpha_zero_without_a_hint_is_cross_entropy_and_runs_no_teacher():
+  teacher, variables = _teacher()
+  student = backbones.create('conv4', filters=4, norm='batch_running')
+  data = _labelled(8)
+  objective = distillation(student, teacher=teacher,
+                           teacher_variables=variables, num_classes=4,
+                           batch_size=8, alpha=0.0)
+  params, model_state, _ = objective.init(jax.random.key(0), data)
+  batch = objective.sample(jax.random.key(1), 0, data)
+  loss, (metrics, _) = objective.loss(params, model_state, batch, None)
+  features, _ = student.apply(params['backbone'], model_state['backbone'],
+                              batch.images, True)
+  logits = np.asarray(features) @ np.asarray(params['head']['kernel']) + np.asarray(
+      params['head']['bias'])
+  expected = -np.mean(_log_softmax(np.asarray(logits))[
+      np.arange(8), np.asarray(batch.labels)])
+  np.testing.assert_allclose(loss, expected, rtol=1e-5)
+  assert 'teacher_accuracy' not in metrics

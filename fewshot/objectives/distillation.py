@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from fewshot._utils import check_options
 from fewshot.backbones.base import Backbone
@@ -44,8 +45,9 @@ def distillation(backbone: Backbone, *, teacher: Backbone,
   """Trains `backbone` and a classifier distilled from `teacher`.
 
   The data is `LabelledImages`. Metrics: `loss`, `kd_loss`, `accuracy`
-  (the student's, on the batch), `teacher_accuracy`, `agreement` (same
-  top class as the teacher) and `hint_loss`.
+  (the student's, on the batch), `teacher_accuracy` and `agreement` (same
+  top class as the teacher) when `alpha > 0`, and `hint_loss`. With
+  `alpha=0` and no hint the teacher is not run (labels only).
 
   Args:
     backbone: the student.
@@ -141,12 +143,14 @@ def distillation(backbone: Backbone, *, teacher: Backbone,
   def loss(params, model_state, batch: LabelledImages, key):
     del key
     variables = model_state['teacher']
-    teacher_features, teacher_hint = teacher_forward(variables, batch.images)
     features, student_hint, backbone_state = student_forward(
         params['backbone'], model_state['backbone'], batch.images, True)
     logits = classifier_logits(features, params['head'])
     metrics = {'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch.labels)}
-    if 'head' in variables:
+    if alpha > 0 or hint is not None:  # alpha=0 without a hint: labels only
+      teacher_features, teacher_hint = teacher_forward(variables,
+                                                       batch.images)
+    if alpha > 0:
       teacher_logits = jax.lax.stop_gradient(
           classifier_logits(teacher_features, variables['head']))
       total = kd_loss(logits, teacher_logits, batch.labels,
@@ -157,7 +161,8 @@ def distillation(backbone: Backbone, *, teacher: Backbone,
           agreement=jnp.mean(jnp.argmax(teacher_logits, -1)
                              == jnp.argmax(logits, -1)))
     else:
-      total = kd_loss(logits, logits, batch.labels, alpha=0.0)
+      total = optax.softmax_cross_entropy_with_integer_labels(
+          logits, batch.labels).mean()
     metrics['kd_loss'] = total
     if hint is not None:
       feature_loss = hint_loss(params['projection'], student_hint,
