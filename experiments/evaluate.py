@@ -71,6 +71,11 @@ def main(argv: Sequence[str]) -> None:
             f"{100 * result['map_at_r']:.2f}, R-precision "
             f"{100 * result['r_precision']:.2f}, precision@1 "
             f"{100 * result['precision_at_1']:.2f}, {recall}")
+    elif result['protocol'] == 'few_label':
+      print(f"{result['ways']}-way, {result['shots']} labelled per class: "
+            f"{result['split']} accuracy {100 * result['accuracy']:.2f}% "
+            f"+- {100 * result['ci95']:.2f} (95% CI, {result['examples']} "
+            f"examples)")
     else:
       print(f"{result['ways']}-way {result['shots']}-shot {result['split']} "
             f"accuracy {100 * result['accuracy']:.2f}% "

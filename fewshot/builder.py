@@ -27,11 +27,13 @@ from fewshot import workdir as workdir_lib
 from fewshot._utils import check_options
 from fewshot.algorithms import ALGORITHMS
 from fewshot.algorithms.base import Algorithm
+from fewshot.backbones import text_weights
 from fewshot.backbones.loading import is_path
 from fewshot.data.batches import labelled_images
 from fewshot.data.sampling import EpisodeSpec
 from fewshot.evaluators.episodes import (FewShotLearner, feature_cache,
                                          few_shot_evaluator)
+from fewshot.evaluators.few_label import few_label_evaluator
 from fewshot.evaluators.retrieval import Embedder, retrieval_evaluator
 from fewshot.experiment import Experiment
 from fewshot.features import FEATURE_ALGORITHMS
@@ -47,11 +49,25 @@ def load_splits(section: ml_collections.ConfigDict,
                 ) -> dict[str, data_lib.ClassDataset]:
   """The class splits of a `data` section (`data.load_splits` options)."""
   options = dict(section)
+  if 'tokenizer' in options:
+    options['tokenizer'] = tokenizer_path(options['tokenizer'])
   splits = data_lib.load_splits(options.pop('name'), **options)
   for split in needed:
     if split not in splits:
       raise ValueError(f'The dataset has no {split!r} split.')
   return splits
+
+
+def tokenizer_path(tokenizer: str) -> str:
+  """A text data section's `tokenizer`: a pretrained text backbone's name
+  ('minilm_l6', or 'minilm_l6/all_minilm_l6_v2' naming the weights) or the
+  path of a Hugging Face tokenizer.json."""
+  name, _, source = str(tokenizer).partition('/')
+  if name in text_weights.KNOWN_TEXT_WEIGHTS and (
+      not source or source in text_weights.KNOWN_TEXT_WEIGHTS[name]):
+    return str(text_weights.tokenizer_file(
+        name, source or text_weights.DEFAULT_SOURCE))
+  return str(tokenizer)
 
 
 def build_backbone(section: ml_collections.ConfigDict, *,
@@ -318,19 +334,28 @@ def build(config: ml_collections.ConfigDict, *,
                                jnp.asarray(splits['test'].images[:2])),
         Embedder(backbone, _backbone_params))
   eval_splits = [s for s in ('val', 'test') if s in splits]
-  spec = _eval_spec(config, splits, eval_splits)
-  evaluator = functools.partial(
-      few_shot_evaluator, built.learner, spec=spec,
-      images_per_chunk=config.eval.images_per_chunk,
-      features=_feature_cache(config, built.embedder.backbone))
-  evaluators = {split: evaluator(splits[split],
-                                 num_episodes=config.eval.num_episodes,
-                                 key=jax.random.key(config.eval.seed))
-                for split in eval_splits}
-  validate = None
-  if has_objective:
-    validate = evaluator(splits['val'], num_episodes=config.eval.val_episodes,
-                         key=jax.random.key(config.eval.seed + 1))
+  features = _feature_cache(config, built.embedder.backbone)
+  if config.data.get('protocol') == 'few_label':
+    # Fit once on the labelled 'train' split, test every example.
+    evaluators = {split: few_label_evaluator(
+        built.learner, splits['train'], splits[split],
+        batch_size=config.eval.get('feature_batch_size', 256),
+        features=features) for split in eval_splits}
+    validate = evaluators.get('val') if has_objective else None
+  else:
+    spec = _eval_spec(config, splits, eval_splits)
+    evaluator = functools.partial(
+        few_shot_evaluator, built.learner, spec=spec,
+        images_per_chunk=config.eval.images_per_chunk, features=features)
+    evaluators = {split: evaluator(splits[split],
+                                   num_episodes=config.eval.num_episodes,
+                                   key=jax.random.key(config.eval.seed))
+                  for split in eval_splits}
+    validate = None
+    if has_objective:
+      validate = evaluator(splits['val'],
+                           num_episodes=config.eval.val_episodes,
+                           key=jax.random.key(config.eval.seed + 1))
   retrieval = {split: functools.partial(
       _retrieval, config, built.embedder, splits[split])
                for split in eval_splits}

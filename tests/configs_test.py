@@ -23,7 +23,7 @@ _SECTIONS = {
 def _kind(path):
   if path.stem.startswith('transfer_report'):
     return 'transfer_report'
-  if path.stem.startswith('transfer_'):
+  if path.stem.startswith(('transfer_', 'text_')):
     return 'evaluate'
   return 'train'
 

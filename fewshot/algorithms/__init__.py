@@ -7,6 +7,7 @@ from fewshot.algorithms.maml import anil, fomaml, maml, metasgd, proto_maml
 from fewshot.algorithms.matching import matching_net
 from fewshot.algorithms.protonet import protonet
 from fewshot.algorithms.relation import relation_net
+from fewshot.algorithms.setfit import setfit
 
 # name -> factory(backbone, **config.algorithm); grep-able, no import magic.
 ALGORITHMS = {
@@ -22,8 +23,9 @@ ALGORITHMS = {
     'simpleshot': simpleshot,
     'baseline_pp': baseline_pp,
     'fine_tune': fine_tune,
+    'setfit': setfit,
 }
 
 __all__ = ['ALGORITHMS', 'Algorithm', 'anil', 'baseline_pp', 'fine_tune',
            'fomaml', 'linear_probe', 'maml', 'matching_net', 'metasgd',
-           'proto_maml', 'protonet', 'relation_net', 'simpleshot']
+           'proto_maml', 'protonet', 'relation_net', 'setfit', 'simpleshot']

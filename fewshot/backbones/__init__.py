@@ -6,17 +6,20 @@ from typing import Any
 
 from fewshot.backbones.base import (Backbone, adapt_images, from_flax,
                                     identity_backbone, with_input_adapter)
+from fewshot.backbones.bert import BertEncoder
 from fewshot.backbones.conv4 import Conv4
 from fewshot.backbones.efficientnet_lite import EfficientNetLite
 from fewshot.backbones.lenet import LeNet
 from fewshot.backbones.loading import Loaded, load
 from fewshot.backbones.resnet import ResNet12, ResNet18
 
-# name -> flax module class; `create(name, **config.backbone)`.
+# name -> flax module class; `create(name, **config.backbone)`. Text
+# backbones ('minilm_l6') take int32 token ids `[B, L]` instead of images.
 BACKBONES = {
     'conv4': Conv4,
     'efficientnet_lite0': EfficientNetLite,
     'lenet': LeNet,
+    'minilm_l6': BertEncoder,
     'resnet12': ResNet12,
     'resnet18': ResNet18,
 }
@@ -54,6 +57,6 @@ def _create(name: str, **kwargs: Any) -> Backbone:
   return from_flax(module_class(**kwargs))
 
 
-__all__ = ['BACKBONES', 'Backbone', 'Conv4', 'EfficientNetLite', 'LeNet', 'Loaded',
+__all__ = ['BACKBONES', 'Backbone', 'BertEncoder', 'Conv4', 'EfficientNetLite', 'LeNet', 'Loaded',
            'ResNet12', 'ResNet18', 'adapt_images', 'create', 'from_flax',
            'identity_backbone', 'load', 'with_input_adapter']

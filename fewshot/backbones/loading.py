@@ -4,7 +4,9 @@ Weights come from
 
 * `None`: a fresh random initialisation (needs the image shape);
 * a named source such as `'imagenet'`: converted weights from
-  `fewshot.backbones.pretrained_weights.load_pretrained(name, source)`.
+  `fewshot.backbones.pretrained_weights.load_pretrained(name, source)`, or
+  for a text encoder (`'minilm_l6'`, `'all_minilm_l6_v2'`) from
+  `fewshot.backbones.text_weights.load_pretrained`.
 
 A training workdir's backbone is read by `fewshot.workdir.load_backbone`
 (checkpoints are the upper layers' business); `pretrained_backbone` turns
@@ -94,7 +96,8 @@ def load(name: str, weights: str | os.PathLike | None = None, *,
     name: backbone name, e.g. 'resnet12'.
     weights: None (random init with `jax.random.key(seed)`) or a named
       source such as 'imagenet'. (A workdir: `fewshot.workdir.load_backbone`.)
-    image_shape: `(H, W, C)` of the inputs; needed for a random init unless
+    image_shape: `(H, W, C)` of the inputs (`(L,)` tokens for a text
+      encoder); needed for a random init unless
       `sample_images` is given.
     sample_images: `[B, H, W, C]` example inputs, instead of `image_shape`.
     seed: init seed when `weights` is None.
@@ -110,7 +113,9 @@ def load(name: str, weights: str | os.PathLike | None = None, *,
       workdir is read by `fewshot.workdir.load_backbone`).
   """
   if sample_images is None and image_shape is not None:
-    sample_images = jnp.zeros((1, *image_shape), jnp.float32)
+    # A 1-D shape is a token sequence `(L,)` for a text encoder.
+    sample_images = jnp.zeros((1, *image_shape), jnp.int32 if len(
+        image_shape) == 1 else jnp.float32)
   if weights is None:
     if sample_images is None:
       raise ValueError('A random init needs image_shape=(H, W, C) or '
@@ -125,6 +130,10 @@ def load(name: str, weights: str | os.PathLike | None = None, *,
         f'weights={os.fspath(weights)!r} is a path: read a workdir\'s backbone '
         'with fewshot.workdir.load_backbone(path) (a config\'s '
         'backbone.weights=<workdir> is resolved by fewshot.builder).')
+  from fewshot.backbones import text_weights  # pylint: disable=g-import-not-at-top
+  if name in text_weights.KNOWN_TEXT_WEIGHTS:
+    module, variables = text_weights.load_pretrained(name, weights, **options)
+    return Loaded(module, dict(variables))
   try:
     from fewshot.backbones import pretrained_weights  # pylint: disable=g-import-not-at-top
   except ImportError as e:

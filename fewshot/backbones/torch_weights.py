@@ -1,4 +1,5 @@
-"""PyTorch `.pth` state dicts without torch, and their conversion to flax.
+"""PyTorch state dicts (`.pth`, `.safetensors`) without torch, and their
+conversion to flax.
 
 `read_state_dict(path)` reads both formats `torch.save` writes:
 
@@ -15,6 +16,8 @@ weights_only=True)`. Tensors come back as numpy arrays with the same dtype,
 shape and values (strides and storage offsets are honoured; the arrays are
 C-contiguous copies).
 
+`read_safetensors(path)` reads Hugging Face's `.safetensors` files.
+
 `convert_state_dict` then fills a flax variables template from a state
 dict, checking that every key is used exactly once and every flax leaf is
 filled with an array of the right shape.
@@ -25,6 +28,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import io
+import json
+import math
 import os
 import pickle
 import struct
@@ -288,13 +293,63 @@ def read_state_dict(path: str | os.PathLike[str]) -> StateDict:
   return dict(obj)
 
 
+# safetensors (Hugging Face): an 8-byte little-endian header size, a JSON
+# header `{name: {dtype, shape, data_offsets: [begin, end]}}` (offsets into
+# the bytes after the header), then the raw little-endian tensors.
+SAFETENSORS_DTYPES = {
+    'F64': np.dtype('<f8'), 'F32': np.dtype('<f4'), 'F16': np.dtype('<f2'),
+    'BF16': np.dtype(ml_dtypes.bfloat16), 'I64': np.dtype('<i8'),
+    'I32': np.dtype('<i4'), 'I16': np.dtype('<i2'), 'I8': np.dtype('i1'),
+    'U8': np.dtype('u1'), 'BOOL': np.dtype(np.bool_),
+}
+
+
+def read_safetensors(path: str | os.PathLike[str]) -> StateDict:
+  """Reads a `.safetensors` file into `{name: array}` (PyTorch layout).
+
+  Raises:
+    ValueError: the header is malformed, names an unknown dtype, or a
+      tensor's byte range does not fit its shape or the file.
+  """
+  path = os.fspath(path)
+  with open(path, 'rb') as f:
+    raw = f.read()
+  if len(raw) < 8:
+    raise ValueError(f'{path}: too short for a safetensors file.')
+  header_size = struct.unpack('<Q', raw[:8])[0]
+  if 8 + header_size > len(raw):
+    raise ValueError(f'{path}: header of {header_size} bytes overruns the '
+                     f'{len(raw)}-byte file; not a safetensors file?')
+  try:
+    header = json.loads(raw[8:8 + header_size])
+  except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    raise ValueError(f'{path}: unreadable safetensors header: {error}') from error
+  data = memoryview(raw)[8 + header_size:]
+  arrays = {}
+  for name, entry in header.items():
+    if name == '__metadata__':
+      continue
+    dtype = SAFETENSORS_DTYPES.get(entry.get('dtype'))
+    if dtype is None:
+      raise ValueError(f'{path}: tensor {name!r} has unknown dtype '
+                       f'{entry.get("dtype")!r}.')
+    shape = tuple(entry['shape'])
+    begin, end = entry['data_offsets']
+    if end > len(data) or end - begin != dtype.itemsize * math.prod(shape):
+      raise ValueError(f'{path}: tensor {name!r} of shape {shape} has byte '
+                       f'range [{begin}, {end}), which does not fit.')
+    arrays[name] = np.frombuffer(data[begin:end], dtype).reshape(shape).copy()
+  return arrays
+
+
 # ----------------------------------------------------------------------------
 # State dict -> flax variables.
 
 def _torch_leaf(collection: str, leaf: str) -> str | None:
   """The PyTorch parameter name for a flax leaf of a conv/dense/BN layer."""
   if collection == 'params':
-    return {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias'}.get(leaf)
+    return {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias',
+            'embedding': 'weight'}.get(leaf)
   if collection == 'batch_stats':
     return {'mean': 'running_mean', 'var': 'running_var'}.get(leaf)
   return None
@@ -329,7 +384,8 @@ def convert_state_dict(
 
   Each flax leaf `collection/<module path>/<leaf>` is looked up as
   `torch_prefix(module_path) + '.' + name`, with `kernel -> weight` (conv or
-  dense), `scale -> weight`, `bias -> bias`, `mean -> running_mean` and
+  dense), `scale -> weight`, `bias -> bias`, `embedding -> weight`
+  (`nn.Embed`), `mean -> running_mean` and
   `var -> running_var` (BatchNorm), and converted with
   `torch_to_flax_array`.
 

@@ -19,8 +19,10 @@ def load_splits(name: str, **kwargs: Any) -> dict[str, ClassDataset]:
   Names: 'omniglot' (background alphabets -> evaluation alphabets),
   'tiny_imagenet' (the committed 120/40/40 class split), 'synthetic'
   (generated), 'folder' (your own `root/<class>/*.png|jpg` or a zip of it;
-  `fewshot.data.folders.folder_splits`). kwargs go to the loader (`data_dir`, `manual_dir`,
-  `image_size`, ...).
+  `fewshot.data.folders.folder_splits`), and for text 'banking77' and
+  'text' (any CSV / JSON-lines file of (text, label) pairs;
+  `fewshot.data.text_splits`). kwargs go to the loader (`data_dir`,
+  `manual_dir`, `image_size`, `tokenizer`, ...).
   """
   # Imported lazily: the TFDS-backed loaders are heavy and optional.
   if name == 'omniglot':
@@ -31,9 +33,13 @@ def load_splits(name: str, **kwargs: Any) -> dict[str, ClassDataset]:
     from fewshot.data.synthetic import synthetic_splits as loader
   elif name == 'folder':
     from fewshot.data.folders import folder_splits as loader
+  elif name == 'banking77':
+    from fewshot.data.text_splits import banking77_splits as loader
+  elif name == 'text':
+    from fewshot.data.text_splits import text_splits as loader
   else:
     raise ValueError(f'Unknown dataset {name!r}; known: omniglot, '
-                     'tiny_imagenet, synthetic, folder.')
+                     'tiny_imagenet, synthetic, folder, banking77, text.')
   check_options(loader, kwargs, f'dataset {name!r}')
   return loader(**kwargs)
 

@@ -1,4 +1,4 @@
-"""Class-grouped image datasets and class splits (host-side numpy)."""
+"""Class-grouped datasets (images or token ids) and class splits (host numpy)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class ClassDataset:
-  """Images grouped by class.
+  """Images (or texts) grouped by class.
 
   Attributes:
-    images: `[M, H, W, C]` uint8 in 0..255.
+    images: `[M, H, W, C]` uint8 in 0..255, or for text int32 token ids
+      `[M, L]` padded with the tokenizer's pad id (`fewshot.data.text`);
+      samplers, episodes and algorithms treat both alike.
     labels: `[M]` int32 class index in `[0, num_classes)`.
     class_names: `num_classes` names; `labels` index into it.
     class_groups: optional `num_classes` group names (Omniglot's alphabet).
@@ -25,10 +27,15 @@ class ClassDataset:
   class_groups: tuple[str, ...] | None = None
 
   def __post_init__(self):
-    if self.images.ndim != 4:
+    if self.images.ndim == 2 and np.issubdtype(self.images.dtype, np.integer):
+      # Token ids of a text dataset (`fewshot.data.text`).
+      object.__setattr__(self, 'images', self.images.astype(np.int32,
+                                                            copy=False))
+    elif self.images.ndim != 4:
       raise ValueError(
-          f'images must be [M, H, W, C], got shape {self.images.shape}.')
-    if self.images.dtype != np.uint8:
+          f'images must be [M, H, W, C] (or int32 token ids [M, L]), got '
+          f'shape {self.images.shape}.')
+    elif self.images.dtype != np.uint8:
       raise ValueError(f'images must be uint8 0..255, got {self.images.dtype}.')
     if self.labels.shape != (self.images.shape[0],):
       raise ValueError(
@@ -51,8 +58,13 @@ class ClassDataset:
     return len(self.class_names)
 
   @property
-  def image_shape(self) -> tuple[int, int, int]:
+  def image_shape(self) -> tuple[int, ...]:
+    """`(H, W, C)`, or `(L,)` for token ids."""
     return tuple(self.images.shape[1:])
+
+  @property
+  def is_text(self) -> bool:
+    return self.images.ndim == 2
 
   def class_counts(self) -> np.ndarray:
     """`[num_classes]` number of images in each class."""

@@ -66,7 +66,9 @@ def evaluate_workdir(experiment: Experiment, workdir: str | None, *,
     params, model_state, step = restore(experiment, workdir)
     info['weights'] = workdir
   result = evaluate(params, model_state)
-  result.update(split=split, step=step, protocol=protocol, **info)
+  # A few-label evaluator names its own protocol.
+  result.update(split=split, step=step, **info)
+  result.setdefault('protocol', protocol)
   return result
 
 
