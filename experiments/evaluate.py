@@ -60,6 +60,9 @@ def main(argv: Sequence[str]) -> None:
   else:
     experiment = builder.build(_CONFIG.value,
                                pretrained=_WORKDIR.value is None)
+    if 'parameters' in experiment.info:
+      print(f"{experiment.info['backbone']}: {experiment.info['parameters']}",
+            flush=True)
     result = evaluation.evaluate_workdir(experiment, _WORKDIR.value,
                                          split=_SPLIT.value,
                                          protocol=_PROTOCOL.value)

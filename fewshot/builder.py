@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -22,6 +23,7 @@ import ml_collections
 import optax
 
 from fewshot import backbones
+from fewshot import peft
 from fewshot import data as data_lib
 from fewshot import workdir as workdir_lib
 from fewshot._utils import check_options
@@ -79,13 +81,74 @@ def build_backbone(section: ml_collections.ConfigDict, *,
   """
   options = dict(section)
   name, weights = options.pop('name'), options.pop('weights', None)
+  peft_section = options.pop('peft', None)
   if weights and pretrained and is_path(weights):
     input_size = options.pop('input_size', None)
     input_channels = options.pop('input_channels', None)
     loaded = workdir_lib.load_backbone(weights, name, **options)
-    return backbones.with_input_adapter(loaded.backbone, input_size,
-                                        input_channels)
-  return backbones.create(name, weights if pretrained else None, **options)
+    backbone = backbones.with_input_adapter(loaded.backbone, input_size,
+                                            input_channels)
+  else:
+    backbone = backbones.create(name, weights if pretrained else None,
+                                **options)
+  if peft_section is not None:
+    backbone = peft_backbone_of(dict(peft_section), backbone)
+  return backbone
+
+
+# backbone.peft's `method` -> what it trains.
+PEFT_METHODS = ('lora', 'bitfit', 'adapters')
+
+
+def peft_backbone_of(section: dict[str, Any],
+                     backbone: backbones.Backbone) -> backbones.Backbone:
+  """A `backbone.peft` section: `method` 'lora' (`targets`, `rank`,
+  `alpha`, `train`), 'bitfit' (`norm_scales`) or 'adapters' (`paths`,
+  `size`, `activation`, `train`), on `backbone`
+  (`fewshot.peft.peft_backbone`)."""
+  options = dict(section)
+  method = options.pop('method', None)
+  if method == 'lora':
+    check_options(peft.lora_rules, options, 'backbone.peft (lora)')
+    rules = peft.lora_rules(tuple(options.pop('targets')), **{
+        k: tuple(v) if k == 'train' else v for k, v in options.items()})
+    return peft.peft_backbone(backbone, rules)
+  if method == 'bitfit':
+    check_options(peft.bitfit_rules, options, 'backbone.peft (bitfit)')
+    return peft.peft_backbone(backbone, peft.bitfit_rules(**options))
+  if method == 'adapters':
+    known = {'paths', 'size', 'activation', 'train'}
+    unknown = sorted(set(options) - known)
+    if unknown or 'paths' not in options:
+      raise ValueError(f'backbone.peft (adapters) needs paths and accepts '
+                       f'{sorted(known)}; got {sorted(options)}.')
+    rules = [(pattern, 'full') for pattern in options.get('train', ())]
+    return peft.peft_backbone(
+        backbone, rules, adapters=tuple(options['paths']),
+        adapter_size=options.get('size', 64),
+        adapter_activation=options.get('activation', 'gelu'))
+  raise ValueError(f'backbone.peft.method must be one of {PEFT_METHODS}, got '
+                   f'{method!r}.')
+
+
+def parameter_info(backbone: backbones.Backbone,
+                   sample_inputs: Any) -> dict[str, Any]:
+  """The backbone's trainable and total parameter counts (shapes only).
+
+  For a PEFT backbone the trainable ones are its LoRA factors, adapters and
+  fully trained leaves; otherwise every backbone parameter (what
+  `fine_tune` or an objective may update; a frozen-feature algorithm
+  trains none of them).
+  """
+  params, state = jax.eval_shape(backbone.init, jax.random.key(0),
+                                 jnp.asarray(sample_inputs))
+  if isinstance(state, dict) and peft.FROZEN in state:
+    count = peft.count_parameters(params, state)
+  else:
+    size = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
+    count = peft.ParameterCount(trainable=size, total=size)
+  return dict(trainable_parameters=count.trainable,
+              total_parameters=count.total, parameters=str(count))
 
 
 def build_algorithm(section: ml_collections.ConfigDict,
@@ -361,7 +424,9 @@ def build(config: ml_collections.ConfigDict, *,
                for split in eval_splits}
   info = dict(algorithm=config.algorithm.name, backbone=config.backbone.name,
               weights=config.backbone.get('weights'),
-              norm=config.backbone.get('norm'))
+              norm=config.backbone.get('norm'),
+              peft=config.backbone.get('peft', {}).get('method'),
+              **parameter_info(backbone, splits['test'].images[:2]))
   return Experiment(objective=built.objective, optimizer=optimizer,
                     train_data=built.train_data, learner=built.learner,
                     validate=validate, evaluators=evaluators,
@@ -411,6 +476,7 @@ def transfer_report_inputs(config: ml_collections.ConfigDict
   return inputs
 
 
-__all__ = ['build', 'build_algorithm', 'build_backbone',
+__all__ = ['PEFT_METHODS', 'build', 'build_algorithm', 'build_backbone',
+           'parameter_info', 'peft_backbone_of', 'tokenizer_path',
            'build_optimizer', 'load_splits', 'pretrained_learner',
            'transfer_report_inputs']

@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fewshot.algorithms.base import Algorithm
 from fewshot.backbones.base import (Backbone, ModelState, Params,
@@ -58,6 +59,53 @@ def _extract_jit(backbone, params, model_state, images, batch_size):
                           batch_size=batch_size)
 
 
+@functools.partial(jax.jit, static_argnames=('backbone',))
+def _embed_batch(backbone, params, model_state, batch):
+  return backbone.apply(params, model_state, batch, False)[0]
+
+
+def extract_text_features(backbone: Backbone, params: Params,
+                          model_state: ModelState, ids: Any, *,
+                          pad_id: int = 0, batch_size: int = 256,
+                          multiple_of: int = 8) -> jax.Array:
+  """Right-padded token ids `[M, L]` -> `[M, D]`, batched by length.
+
+  Sequences are sorted by their unpadded length and each batch is cut to
+  its longest sequence (rounded up to `multiple_of`), so short texts stop
+  paying for the dataset's longest one (banking77 at L=64: 3.4x fewer
+  tokens). Exact for encoders whose output ignores padding (`BertEncoder`
+  masks it). Host-driven: one compiled program per distinct batch length.
+  """
+  ids = np.asarray(ids)
+  num = ids.shape[0]
+  lengths = (ids != pad_id).sum(axis=1)
+  order = np.argsort(lengths, kind='stable')
+  batch_size = max(1, min(batch_size, num))
+  outputs = []
+  for start in range(0, num, batch_size):
+    rows = order[start:start + batch_size]
+    width = min(ids.shape[1], max(1, -(-int(lengths[rows].max()) //
+                                         multiple_of) * multiple_of))
+    batch = np.full((batch_size, width), pad_id, ids.dtype)
+    batch[:len(rows)] = ids[rows, :width]
+    outputs.append(_embed_batch(backbone, params, model_state,
+                                jnp.asarray(batch))[:len(rows)])
+  features = jnp.concatenate(outputs)
+  return features[jnp.asarray(np.argsort(order))]
+
+
+def embed_inputs(backbone: Backbone, params: Params, model_state: ModelState,
+                 inputs: Any, *, batch_size: int = 256) -> jax.Array:
+  """Evaluation-mode features `[M, D]` of images (`extract_features`, one
+  compiled call) or of token ids `[M, L]` (`extract_text_features`, with the
+  backbone module's `pad_id`)."""
+  if inputs.ndim == 2 and jnp.issubdtype(inputs.dtype, jnp.integer):
+    return extract_text_features(
+        backbone, params, model_state, inputs,
+        pad_id=getattr(backbone.module, 'pad_id', 0), batch_size=batch_size)
+  return _extract_jit(backbone, params, model_state, inputs, batch_size)
+
+
 def precompute(backbone: Backbone, params: Params, model_state: ModelState,
                data: DeviceDataset, *, batch_size: int = 256
                ) -> DeviceDataset:
@@ -67,8 +115,8 @@ def precompute(backbone: Backbone, params: Params, model_state: ModelState,
   the algorithm with `fewshot.backbones.identity_backbone()` (and
   `{'backbone': {}}` in its meta-parameters) to evaluate it on them.
   """
-  features = _extract_jit(backbone, params, model_state, data.images,
-                          batch_size)
+  features = embed_inputs(backbone, params, model_state, data.images,
+                          batch_size=batch_size)
   return data.replace(images=features.astype(jnp.float32))
 
 
@@ -113,5 +161,6 @@ def on_features(make_algorithm: Callable[[Backbone], Algorithm],
                           batch_size=batch_size))
 
 
-__all__ = ['FEATURE_ALGORITHMS', 'extract_features', 'feature_inputs',
+__all__ = ['FEATURE_ALGORITHMS', 'embed_inputs', 'extract_features',
+           'extract_text_features', 'feature_inputs',
            'on_features', 'precompute']

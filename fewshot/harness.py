@@ -196,6 +196,9 @@ def train(experiment: Experiment, workdir: str, *, settings: Any,
   state = init_state(experiment.objective, experiment.optimizer,
                      experiment.train_data, experiment.seed)
   batch_size = _batch_size(experiment, state, mesh.size)
+  if 'parameters' in experiment.info:
+    logging.info('%s: %s', experiment.info.get('backbone'),
+                 experiment.info['parameters'])
 
   os.makedirs(workdir, exist_ok=True)
   workdir_lib.write_config_once(workdir, config_dict)

@@ -370,3 +370,19 @@ def test_setfit_fine_tunes_and_separates_the_support():
                                   False)
     assert logits.shape == (12, 3)
   assert losses[1] < 0.5 * losses[0]
+
+
+def test_length_bucketed_features_equal_the_padded_ones():
+  from fewshot.features import embed_inputs, extract_features  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  lengths = rng.integers(2, 15, 11)
+  ids = np.zeros((11, 16), np.int32)
+  for row, length in enumerate(lengths):
+    ids[row, :length] = rng.integers(1, 50, length)
+  backbone = backbones.from_flax(bert.BertEncoder(**TINY))
+  params, state = backbone.init(jax.random.key(0), jnp.asarray(ids))
+  expected = extract_features(backbone, params, state, jnp.asarray(ids),
+                              batch_size=4)
+  bucketed = embed_inputs(backbone, params, state, jnp.asarray(ids),
+                          batch_size=4)
+  np.testing.assert_allclose(bucketed, expected, atol=1e-5)

@@ -22,7 +22,7 @@ from fewshot.backbones.base import ModelState, Params
 from fewshot.data.dataset import ClassDataset
 from fewshot.episodes import Episode
 from fewshot.evaluators.episodes import Evaluator, FeatureCache, FewShotLearner
-from fewshot.features import extract_features
+from fewshot.features import embed_inputs
 
 
 def _check_balanced(labelled: ClassDataset) -> int:
@@ -90,10 +90,11 @@ def few_label_evaluator(learner: FewShotLearner, labelled: ClassDataset,
     test_images = jnp.asarray(test.images)
     extra = {}
     if features is not None:
-      embed = jax.jit(lambda p, s, x: extract_features(
-          features.backbone, p, s, x, batch_size=features.batch_size))
-      support = embed(meta_params['backbone'], model_state, support)
-      test_images = embed(meta_params['backbone'], model_state, test_images)
+      def embed(inputs):
+        return embed_inputs(features.backbone, meta_params['backbone'],
+                            model_state, inputs,
+                            batch_size=features.batch_size)
+      support, test_images = embed(support), embed(test_images)
       jax.block_until_ready(test_images)
       meta_params, model_state = {**meta_params, 'backbone': {}}, {}
       extra = dict(precomputed_features=True,
