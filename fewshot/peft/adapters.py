@@ -74,14 +74,22 @@ def _module_path(context: Any) -> str:
 @contextlib.contextmanager
 def intercepting(adapters: Mapping[str, AdapterParams],
                  activation: str | Callable[[jax.Array], jax.Array] = 'gelu'
-                 ) -> Iterator[None]:
+                 ) -> Iterator[set[str]]:
   """Within this context, a flax submodule at a path in `adapters` returns
   its output passed through that path's adapter.
 
-  A submodule called several times (shared weights) is adapted at every
-  call, with the same adapter.
+  Yields the set of paths adapted so far (filled in as the modules run), so
+  a caller can check that every adapter took part. A submodule called
+  several times (shared weights) is adapted at every call, with the same
+  adapter.
+
+  Flax interceptors act while module code runs in Python: in eager mode
+  and while tracing. A `jax.jit`-wrapped inner function that JAX has
+  already traced replays its cached computation without them, so run this
+  around UNJITTED backbone code (and jit outside it).
   """
   act = activation_fn(activation)
+  applied: set[str] = set()
 
   def interceptor(next_fun, args, kwargs, context):
     output = next_fun(*args, **kwargs)
@@ -89,14 +97,15 @@ def intercepting(adapters: Mapping[str, AdapterParams],
       return output
     path = _module_path(context)
     if path in adapters:
+      applied.add(path)
       return apply_adapter(adapters[path], output, act)
     return output
 
   if not adapters:
-    yield
+    yield applied
     return
   with nn.intercept_methods(interceptor):
-    yield
+    yield applied
 
 
 def output_features(run: Callable[[], Any], paths: Sequence[str]
@@ -124,13 +133,19 @@ def output_features(run: Callable[[], Any], paths: Sequence[str]
       if isinstance(output, jax.Array) and output.ndim:
         described = tuple(output.shape)
       else:
-        described = (f'{type(output).__name__} '
-                     f'{jax.tree.map(lambda x: getattr(x, "shape", x), output)}')
+        shapes = jax.tree.map(lambda x: getattr(x, 'shape', x), output)
+        described = f'{type(output).__name__} {shapes}'
       seen.setdefault(_module_path(context), described)
     return output
 
   with nn.intercept_methods(record):
     jax.eval_shape(run)
+  if paths and not seen:
+    raise ValueError(
+        'No flax module ran while looking for the adapter paths '
+        f'{list(paths)}: the backbone has no flax module, or its apply is '
+        'jax.jit-wrapped (cached traces bypass flax interceptors; wrap the '
+        'unjitted backbone and jit outside).')
   known = sorted(path for path in seen if path)
   sizes = {}
   for path in paths:

@@ -145,9 +145,10 @@ def _base_params(params: Params, frozen: Params, rules: Rules) -> Params:
 
 def _split_state(model_state: ModelState) -> tuple[Params, ModelState]:
   if not isinstance(model_state, Mapping) or FROZEN not in model_state:
+    found = (sorted(model_state) if isinstance(model_state, Mapping)
+             else type(model_state).__name__)
     raise ValueError(f'A PEFT model state holds the frozen params under '
-                     f'{FROZEN!r}; got keys '
-                     f'{sorted(model_state) if isinstance(model_state, Mapping) else type(model_state).__name__}.')
+                     f'{FROZEN!r}; got {found}.')
   inner = {k: v for k, v in model_state.items() if k != FROZEN}
   return model_state[FROZEN], inner
 
@@ -167,7 +168,10 @@ def peft_backbone(backbone: Backbone, rules: Rules | None = None, *,
   LoRA updates), runs `backbone.apply` on them and the inner state (with
   the adapters intercepting their submodules) and returns `(features,
   {**updated inner state, 'frozen': unchanged})`. Under `jax.jit` the rules
-  are resolved once, while tracing.
+  are resolved once, while tracing. Adapters work through flax method
+  interception, so `backbone.apply` must not itself be `jax.jit`-wrapped
+  (a cached trace would skip them; `apply` raises if an adapter did not
+  run): jit the PEFT backbone's functions instead, as usual.
 
   Args:
     backbone: the backbone to adapt (random or pretrained weights).
@@ -186,7 +190,7 @@ def peft_backbone(backbone: Backbone, rules: Rules | None = None, *,
   Raises:
     ValueError: malformed rules or an unknown activation (here); at `init`,
       a rule matching no leaf, a bad LoRA target or rank, or an adapter path
-      that names no submodule.
+      that names no submodule (or one whose output is not one array).
   """
   rules = tuple(() if rules is None else rules)
   check_rules(rules)
@@ -235,8 +239,16 @@ def peft_backbone(backbone: Backbone, rules: Rules | None = None, *,
     if extra:
       raise ValueError(f'Adapter params for {sorted(extra)}, which this '
                        f'backbone does not adapt (adapters={list(adapters)}).')
-    with adapters_lib.intercepting(params['adapters'], adapter_activation):
+    with adapters_lib.intercepting(params['adapters'],
+                                   adapter_activation) as applied:
       features, new_inner = backbone.apply(base, inner, inputs, train)
+    skipped = sorted(set(params['adapters']) - applied)
+    if skipped:
+      # Otherwise the adapters would be silently ignored.
+      raise ValueError(
+          f'The adapters {skipped} were not applied: their submodules did '
+          'not run, or the inner backbone apply is jax.jit-wrapped (cached '
+          'traces bypass flax interceptors; jit the PEFT backbone instead).')
     return features, {**new_inner, FROZEN: frozen}
 
   return Backbone(init=init, apply=apply, module=backbone.module)

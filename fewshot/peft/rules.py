@@ -173,22 +173,28 @@ def resolve_rules(params: Params, rules: Rules) -> Any:
       shape = tuple(leaf.shape)
       if len(shape) < 2:
         raise ValueError(
-            f'LoRA rule {decision.pattern!r} selects {path!r} of shape '
-            f'{shape}; LoRA needs a kernel with at least 2 dimensions '
-            f'[..., out]. Narrow the pattern (e.g. to its kernels).')
+            f'LoRA rule {_describe(decision.pattern)} selects {path!r} of '
+            f'shape {shape}; LoRA needs a kernel with at least 2 '
+            'dimensions [..., out]. Narrow the pattern (e.g. to its '
+            'kernels).')
       fan_in, fan_out = _fans(shape)
       if decision.rank > min(fan_in, fan_out):
         raise ValueError(
-            f'LoRA rank {decision.rank} (rule {decision.pattern!r}) is too '
-            f'large for the kernel {path!r} of shape {shape} (fan_in '
+            f'LoRA rank {decision.rank} (rule {_describe(decision.pattern)}) '
+            f'is too large for the kernel {path!r} of shape {shape} (fan_in '
             f'{fan_in}, fan_out {fan_out}); the largest allowed rank is '
             f'{min(fan_in, fan_out)}.')
     decided.append(decision)
   for (pattern, _), was_used in zip(checked, used):
     if not was_used:
-      raise ValueError(f'Rule pattern {pattern!r} matches no parameter; the '
-                       f'parameter paths are {_listing(paths)}.')
+      raise ValueError(f'Rule pattern {_describe(pattern)} matches no '
+                       f'parameter; the parameter paths are '
+                       f'{_listing(paths)}.')
   return jax.tree_util.tree_unflatten(treedef, decided)
+
+
+_KERNELS_PREFIX = '(?=(?:.*/)?kernel$)(?:'
+_KERNELS_SUFFIX = ')(?:/[^/]+)*'
 
 
 def kernels_under(target: str) -> str:
@@ -197,7 +203,16 @@ def kernels_under(target: str) -> str:
   `kernels_under('conv[0-3]')` matches 'conv0/kernel' but not 'conv0/bias';
   `kernels_under('conv0/kernel')` matches 'conv0/kernel' too.
   """
-  return f'(?=(?:.*/)?kernel$)(?:{target})(?:/[^/]+)*'
+  return f'{_KERNELS_PREFIX}{target}{_KERNELS_SUFFIX}'
+
+
+def _describe(pattern: str) -> str:
+  """How error messages name a pattern (a `kernels_under` one by its
+  target)."""
+  if pattern.startswith(_KERNELS_PREFIX) and pattern.endswith(_KERNELS_SUFFIX):
+    target = pattern[len(_KERNELS_PREFIX):-len(_KERNELS_SUFFIX)]
+    return f'{pattern!r} (the kernels of {target!r})'
+  return repr(pattern)
 
 
 def lora_rules(targets: Sequence[str], rank: int, alpha: float | None = None,
