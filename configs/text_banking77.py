@@ -29,7 +29,7 @@ an optional test file and class-split JSON (`{"train": [...], "val":
 Config argument: algorithm (protonet, linear_probe, fine_tune, setfit),
 peft (none, lora, bitfit, adapters; with fine_tune, setfit or an
 objective), rank (LoRA), objective (none, supervised), train_steps,
-batch_size, learning_rate (the objective's; default 2e-5, 1e-3 with PEFT),
+batch_size, learning_rate (the objective's; default 5e-5, 1e-3 with PEFT),
 ways, shots, queries, episodes, steps (per-episode fine-tuning), protocol
 (episodic, few_label), seed (the few-label draw), max_length (tokens),
 data / test_data / class_split / label_field (your own file).
@@ -119,7 +119,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     raise ValueError(f'Unknown algorithm {args.algorithm!r}; known: '
                      'protonet, linear_probe, fine_tune, setfit.')
   if args.objective == 'supervised':
-    learning_rate = args.learning_rate or (2e-5 if peft is None else 1e-3)
+    learning_rate = args.learning_rate or (5e-5 if peft is None else 1e-3)
     # A cosine head (scaled logits: the embeddings are unit vectors) that
     # learns 100x faster than the encoder (or 10x the PEFT parameters).
     config.objective = dict(name='supervised', batch_size=args.batch_size,

@@ -12,6 +12,7 @@ import optax
 from fewshot.algorithms.base import Algorithm, MetaParams
 from fewshot.backbones.base import ModelState
 from fewshot.episodes import Episode
+from fewshot.peft.backbone import FROZEN
 
 Metrics = dict[str, jax.Array]
 
@@ -59,8 +60,17 @@ def meta_batch_loss(algorithm: Algorithm, meta_params: MetaParams,
   losses, (metrics, states) = jax.vmap(per_task, in_axes=(None, None, 0, 0))(
       meta_params, model_state, episodes, keys)
   metrics = jax.tree.map(jnp.mean, metrics)
-  states = jax.tree.map(lambda s: jnp.mean(s, axis=0), states)
-  return jnp.mean(losses), (metrics, states)
+  return jnp.mean(losses), (metrics, _mean_state(states, model_state))
+
+
+def _mean_state(states: Any, model_state: ModelState) -> Any:
+  """The tasks' new states `[T, ...]` averaged; a PEFT backbone's frozen base
+  weights (`model_state['frozen']`, never updated) are passed through as
+  they were, not averaged (a mean of T copies need not round to the copy)."""
+  mean = jax.tree.map(lambda s: jnp.mean(s, axis=0), states)
+  if isinstance(model_state, dict) and FROZEN in model_state:
+    mean = {**mean, FROZEN: model_state[FROZEN]}
+  return mean
 
 
 def _mean_over_tasks(tree: Any) -> Any:
@@ -110,5 +120,5 @@ def meta_batch_value_and_grad(
       task_value_and_grad, in_axes=(None, None, 0, 0))(
           meta_params, model_state, episodes, keys)
   metrics = jax.tree.map(jnp.mean, metrics)
-  states = jax.tree.map(lambda s: jnp.mean(s, axis=0), states)
-  return (jnp.mean(losses), (metrics, states)), _mean_over_tasks(grads)
+  return ((jnp.mean(losses), (metrics, _mean_state(states, model_state))),
+          _mean_over_tasks(grads))

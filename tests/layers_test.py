@@ -24,7 +24,8 @@ LOWER = ('fewshot.algorithms', 'fewshot.transfer', 'fewshot.backbones',
          'fewshot.data', 'fewshot.ops', 'fewshot.episodes', 'fewshot.heads',
          'fewshot.stats', 'fewshot.optimizers', 'fewshot.losses',
          'fewshot.features', 'fewshot.objectives', 'fewshot.metric',
-         'fewshot.multitask', 'fewshot.adaptation', 'fewshot.distillation')
+         'fewshot.multitask', 'fewshot.adaptation', 'fewshot.distillation',
+         'fewshot.peft')
 
 
 def _module_name(path: pathlib.Path) -> str:

@@ -347,3 +347,25 @@ def test_with_fixed_init_splits_given_weights_into_the_peft_layout():
   merged, _ = peft.merge_params(params, peft_state, rules)
   assert all(np.array_equal(merged_leaf, leaf) for merged_leaf, leaf in zip(
       jax.tree.leaves(merged), jax.tree.leaves(weights)))
+
+
+def test_a_meta_batch_passes_the_frozen_weights_through_unaveraged():
+  from fewshot.algorithms import protonet  # pylint: disable=g-import-not-at-top
+  from fewshot.episodes import Episode  # pylint: disable=g-import-not-at-top
+  from fewshot.losses import meta_batch_loss  # pylint: disable=g-import-not-at-top
+  backbone = peft.peft_backbone(_conv4(norm='batch_running'),
+                                peft.lora_rules(['conv1'], rank=2))
+  algorithm = protonet(backbone)
+  params, state = algorithm.init(KEY, IMAGES)
+  labels = jnp.tile(jnp.arange(2, dtype=jnp.int32), (3, 1))
+  images = jnp.stack([IMAGES * (t + 1) for t in range(3)])
+  episodes = Episode(support_images=images, support_labels=labels,
+                     query_images=images, query_labels=labels,
+                     class_ids=labels, num_ways=2)
+  _, (_, new_state) = meta_batch_loss(algorithm, params, state, episodes, KEY)
+  for a, b in zip(jax.tree.leaves(new_state['frozen']),
+                  jax.tree.leaves(state['frozen'])):
+    assert a is b  # passed through, not a mean of three copies
+  # The BatchNorm statistics are still the tasks' mean, and they moved.
+  assert not np.allclose(new_state['batch_stats']['norm0']['mean'],
+                         state['batch_stats']['norm0']['mean'])
