@@ -53,7 +53,7 @@ def setfit(backbone: Backbone, *, steps: int = 20,
            learning_rate: float = 2e-5,
            optimizer: str | optax.GradientTransformation = 'adam',
            probe_steps: int = 100, probe_learning_rate: float = 0.1,
-           probe_l2: float = 1e-3) -> Algorithm:
+           probe_l2: float = 1e-3, meta_gradient: bool = False) -> Algorithm:
   """Contrastive fine-tuning of the backbone on support pairs, then a probe.
 
   Args:
@@ -62,6 +62,9 @@ def setfit(backbone: Backbone, *, steps: int = 20,
     learning_rate, optimizer: the contrastive phase's update rule.
     probe_steps, probe_learning_rate, probe_l2: the logistic head
       (`linear_probe(solver='logistic')` on the fine-tuned features).
+    meta_gradient: let outer-loop gradients flow through the contrastive
+      fine-tuning and the probe (second order); False stops them at the
+      pretrained weights.
 
   Returns:
     An `Algorithm`; task parameters are `{'backbone': fine-tuned params,
@@ -70,7 +73,8 @@ def setfit(backbone: Backbone, *, steps: int = 20,
   """
   probe = linear_probe(identity_backbone(), solver='logistic',
                        steps=probe_steps, learning_rate=probe_learning_rate,
-                       l2=probe_l2, normalize=True)
+                       l2=probe_l2, normalize=True,
+                       freeze_backbone=False)  # gradients are set here
   tx = inner_optimizer(optimizer, learning_rate)
 
   def init(key, sample_inputs):
@@ -82,7 +86,9 @@ def setfit(backbone: Backbone, *, steps: int = 20,
 
   def adapt(meta_params, model_state, episode, key, train):
     del train  # Evaluation mode throughout, like `fine_tune`.
-    pretrained = jax.lax.stop_gradient(meta_params['backbone'])
+    pretrained = meta_params['backbone']
+    if not meta_gradient:
+      pretrained = jax.lax.stop_gradient(pretrained)
 
     def loss_fn(params):
       return pair_similarity_loss(
@@ -90,8 +96,9 @@ def setfit(backbone: Backbone, *, steps: int = 20,
           episode.support_labels)
 
     tuned, _ = fit(loss_fn, pretrained, tx, steps)
-    support = jax.lax.stop_gradient(embed(tuned, model_state,
-                                          episode.support_images))
+    support = embed(tuned, model_state, episode.support_images)
+    if not meta_gradient:
+      support = jax.lax.stop_gradient(support)
     head, _ = probe.adapt({'backbone': {}}, {}, episode.replace(
         support_images=support), key, False)
     return {'backbone': tuned, 'head': head}, model_state
