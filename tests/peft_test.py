@@ -369,3 +369,22 @@ def test_a_meta_batch_passes_the_frozen_weights_through_unaveraged():
   # The BatchNorm statistics are still the tasks' mean, and they moved.
   assert not np.allclose(new_state['batch_stats']['norm0']['mean'],
                          state['batch_stats']['norm0']['mean'])
+
+
+def test_a_config_peft_section_builds_the_wrapped_backbone_and_counts_it():
+  from fewshot import builder  # pylint: disable=g-import-not-at-top
+  from helpers import load_config  # pylint: disable=g-import-not-at-top
+  config = load_config('protonet_synthetic', 'steps=1')
+  config.backbone.filters = 4
+  with config.unlocked():
+    config.backbone.peft = dict(method='lora', targets=['conv1'], rank=2)
+  info = builder.build(config).info
+  # Conv-4's conv1 kernel is 3x3x4x4: rank 2 adds 2 * (36 + 4) factors.
+  assert info['peft'] == 'lora' and info['trainable_parameters'] == 80
+  with config.unlocked():
+    config.backbone.peft = dict(method='bitfit')
+  assert builder.build(config).info['trainable_parameters'] == 4 * 4  # biases
+  with config.unlocked():
+    config.backbone.peft = dict(method='prefix')
+  with pytest.raises(ValueError, match='backbone.peft.method must be one of'):
+    builder.build(config)
