@@ -26,7 +26,6 @@ The multi-task part of `fewshot.builder` (which dispatches here). Sections:
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import jax
@@ -45,7 +44,7 @@ from fewshot.experiment import Experiment
 from fewshot.multitask import make_weighting
 from fewshot.objectives.multitask import (ROTATION, Stream, Task,
                                           check_tasks, multitask)
-from fewshot.workdir import METRICS
+from fewshot.workdir import METRICS, read_metrics
 
 _EPISODE_KEYS = ('ways', 'shots', 'queries')
 _SPLITS = ('train', 'val', 'test')
@@ -161,12 +160,11 @@ def read_baselines(workdirs, tasks: dict[str, Task]
   workdirs' `metrics.jsonl` (`test_<task>_<metric>`)."""
   found = {}
   for workdir in workdirs:
-    path = os.path.join(workdir, METRICS)
-    if not os.path.exists(path):
+    try:
+      records = read_metrics(workdir)
+    except FileNotFoundError as e:
       raise FileNotFoundError(f'Baseline {workdir} has no {METRICS}; train '
-                              'it first.')
-    with open(path) as f:
-      records = [json.loads(line) for line in f if line.strip()]
+                              'it first.') from e
     tests = [r for r in records if any(k.startswith('test_') for k in r)]
     if not tests:
       raise ValueError(f'Baseline {workdir} has no test results yet.')

@@ -4,6 +4,7 @@
 <workdir>/config.json     the config the run first started with
 <workdir>/metrics.jsonl   one JSON object per log line
 <workdir>/checkpoints/    orbax checkpoints of the TrainState (fewshot.checkpoint)
+<workdir>/tensorboard/    the same scalars as TensorBoard events (train.tensorboard)
 ```
 
 `load_backbone` reads the trained backbone of any workdir whose parameters
@@ -18,6 +19,7 @@ import os
 import time
 from typing import Any, Mapping
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,6 +32,7 @@ from fewshot.checkpoint import (Checkpointer, SubsetMismatch, restore_subset,
 CONFIG = 'config.json'
 METRICS = 'metrics.jsonl'
 CHECKPOINTS = 'checkpoints'
+TENSORBOARD = 'tensorboard'
 
 
 def checkpoint_dir(workdir: str | os.PathLike) -> str:
@@ -59,18 +62,101 @@ def write_config_once(workdir: str | os.PathLike,
     write_json_atomic(path, dict(config))
 
 
-class MetricsLog:
-  """Appends one JSON object per line to `workdir/metrics.jsonl`."""
+_NON_FINITE = {'NaN': float('nan'), 'Infinity': float('inf'),
+               '-Infinity': float('-inf')}
 
-  def __init__(self, workdir: str | os.PathLike):
+
+def _json_value(value: Any) -> Any:
+  """A scalar as a JSON value: a non-finite float becomes the string
+  'NaN', 'Infinity' or '-Infinity' (strict JSON has no such numbers)."""
+  if isinstance(value, (bool, str)) or value is None:
+    return value
+  if np.ndim(value) == 0:
+    value = float(value)
+    if not np.isfinite(value):
+      return 'NaN' if np.isnan(value) else ('Infinity' if value > 0
+                                             else '-Infinity')
+    return value
+  return value
+
+
+class MetricsLog:
+  """Appends one JSON object per line to `workdir/metrics.jsonl`.
+
+  Every record has `step` and `time`; non-finite scalars are written as the
+  strings 'NaN', 'Infinity', '-Infinity' (the file stays strict JSON;
+  `read_metrics` turns them back into floats). With `tensorboard=True`
+  every numeric scalar is also written as a TensorBoard event under
+  `workdir/tensorboard/` (needs `tensorboardX`, not TensorFlow).
+  """
+
+  def __init__(self, workdir: str | os.PathLike, *, tensorboard: bool = False):
     self._path = os.path.join(workdir, METRICS)
+    self._events = None
+    if tensorboard:
+      try:
+        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      except ImportError as e:
+        raise ImportError('TensorBoard logging needs tensorboardX: pip '
+                          'install tensorboardX (or set '
+                          'train.tensorboard=False).') from e
+      self._events = SummaryWriter(os.path.join(workdir, TENSORBOARD),
+                                   flush_secs=10)
 
   def write(self, step: int, **values: Any) -> None:
-    record = {'step': step, 'time': time.time()}
-    record.update({k: float(v) if np.ndim(v) == 0 else v
-                   for k, v in values.items()})
+    record = {'step': int(step), 'time': time.time()}
+    record.update({k: _json_value(v) for k, v in values.items()})
     with open(self._path, 'a') as f:
-      f.write(json.dumps(record) + '\n')
+      f.write(json.dumps(record, allow_nan=False) + '\n')
+    if self._events is not None:
+      for name, value in values.items():
+        if (np.ndim(value) == 0 and not isinstance(value, (bool, str))
+            and value is not None):
+          self._events.add_scalar(name.replace('_', '/', 1)
+                                  if name.startswith(('train_', 'val_',
+                                                      'test_')) else name,
+                                  float(value), int(step),
+                                  walltime=record['time'])
+
+  def flush(self) -> None:
+    if self._events is not None:
+      self._events.flush()
+
+  def close(self) -> None:
+    if self._events is not None:
+      self._events.close()
+      self._events = None
+
+
+def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
+  """The records of `workdir/metrics.jsonl`, in the order written.
+
+  The strings 'NaN', 'Infinity' and '-Infinity' (how `MetricsLog` writes
+  non-finite values) are read back as floats. A resumed run may repeat
+  steps after its last checkpoint; the later record is the one that led to
+  the final state. A line cut short by a kill is skipped with a warning.
+
+  Raises:
+    FileNotFoundError: the workdir has no metrics.jsonl.
+  """
+  path = os.path.join(workdir, METRICS)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{workdir} has no {METRICS}: is it a workdir of '
+                            'experiments/train.py?')
+  records = []
+  with open(path) as f:
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        logging.warning('%s, line %d is not JSON (a write cut short by a '
+                        'kill?); skipped.', path, number)
+        continue
+      records.append({k: _NON_FINITE.get(v, v) if isinstance(v, str) else v
+                      for k, v in record.items()})
+  return records
 
 
 def restore_state(workdir: str | os.PathLike, state: Any) -> Any:
@@ -214,6 +300,6 @@ def load_head(path: str | os.PathLike) -> dict[str, jax.Array] | None:
 
 
 __all__ = ['CHECKPOINTS', 'CONFIG', 'METRICS', 'MetricsLog', 'checkpoint_dir',
-           'has_checkpoints', 'load_backbone', 'load_head',
+           'has_checkpoints', 'load_backbone', 'load_head', 'read_metrics',
            'stored_backbone_name', 'restore_state',
            'write_config_once', 'write_json_atomic']
