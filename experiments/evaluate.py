@@ -3,6 +3,9 @@
   python experiments/evaluate.py --config configs/protonet_omniglot.py --workdir runs/proto
   python experiments/evaluate.py --config configs/transfer_tiny_imagenet.py:backbone=efficientnet_lite0
 
+  python experiments/evaluate.py --config configs/protonet_omniglot.py --workdir runs/proto \
+      --histogram runs/proto/test_accuracies.png
+
 Without --workdir the configured model itself is evaluated: a pretrained
 backbone (`config.backbone.weights`) with a linear probe, SimpleShot or
 per-episode fine-tuning.
@@ -39,6 +42,9 @@ _PROTOCOL = flags.DEFINE_enum('protocol', 'episodes',
 _RUNS_DIR = flags.DEFINE_string('runs_dir', None,
                                 'Folder holding run01..run20 (omniglot_runs).')
 _SPLIT = flags.DEFINE_enum('split', 'test', ['test', 'val'], 'Split to test.')
+_HISTOGRAM = flags.DEFINE_string(
+    'histogram', None, 'Write a PNG histogram of the per-episode accuracies '
+    'here (episodes protocol; needs matplotlib).')
 
 
 def main(argv: Sequence[str]) -> None:
@@ -46,6 +52,8 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError('Too many command-line arguments.')
   quiet_library_logs()
   tune_malloc()  # before any JAX work; see fewshot/ops/__init__.py
+  if _HISTOGRAM.value and _PROTOCOL.value != 'episodes':
+    raise app.UsageError('--histogram needs --protocol episodes.')
   if _PROTOCOL.value == 'omniglot_runs':
     if not _RUNS_DIR.value or not _WORKDIR.value:
       raise app.UsageError('--protocol omniglot_runs needs --runs_dir and '
@@ -65,7 +73,16 @@ def main(argv: Sequence[str]) -> None:
             flush=True)
     result = evaluation.evaluate_workdir(experiment, _WORKDIR.value,
                                          split=_SPLIT.value,
-                                         protocol=_PROTOCOL.value)
+                                         protocol=_PROTOCOL.value,
+                                         per_episode=bool(_HISTOGRAM.value))
+    if _HISTOGRAM.value:  # a file, not thousands of numbers in the JSON line
+      from fewshot.plots import accuracy_histogram  # pylint: disable=g-import-not-at-top
+      accuracy_histogram(
+          result.pop('accuracies'), ci95=result['ci95'],
+          title=f"{_WORKDIR.value or experiment.info.get('backbone')}: "
+          f"{result['ways']}-way {result['shots']}-shot {result['split']}, "
+          f"{result['episodes']} episodes").savefig(_HISTOGRAM.value)
+      result['histogram'] = _HISTOGRAM.value
     if _PROTOCOL.value == 'retrieval':
       recall = ', '.join(f'R@{k} {100 * v:.2f}'
                          for k, v in result['recall_at_k'].items())

@@ -24,7 +24,8 @@ from fewshot.stats import summarize
 # (meta_params, model_state, data, key) -> accuracies [num_episodes]
 EvaluateFn = Callable[[MetaParams, ModelState, DeviceDataset, jax.Array],
                       jax.Array]
-# (trained params, model_state) -> {'accuracy', 'ci95', ...}
+# (trained params, model_state) -> {'accuracy', 'ci95', ...}; a few-shot
+# evaluator also takes `per_episode=True` to add 'accuracies' (a list).
 Evaluator = Callable[[Params, ModelState], dict[str, Any]]
 
 
@@ -95,7 +96,9 @@ def few_shot_evaluator(learner: FewShotLearner, dataset: ClassDataset,
 
   The summary is `fewshot.stats.summarize`'s (`accuracy`, `ci95`,
   `episodes`) plus the episode shape and the wall time in seconds (and the
-  feature extraction's, with `features`). The dataset is placed like the
+  feature extraction's, with `features`); `evaluate(..., per_episode=True)`
+  adds `accuracies`, the list of per-episode accuracies (left out by
+  default: summaries are logged and printed). The dataset is placed like the
   parameters (replicated over the harness's mesh, say) and the evaluation
   compiled on the first call; later calls reuse both.
   """
@@ -104,7 +107,8 @@ def few_shot_evaluator(learner: FewShotLearner, dataset: ClassDataset,
                                         images_per_chunk=images_per_chunk))
   placed = {}  # sharding -> the dataset on it
 
-  def run(params: Params, model_state: ModelState) -> dict[str, Any]:
+  def run(params: Params, model_state: ModelState, *,
+          per_episode: bool = False) -> dict[str, Any]:
     start = time.time()
     leaves = jax.tree.leaves(params)
     sharding = getattr(leaves[0], 'sharding', None) if leaves else None
@@ -123,6 +127,8 @@ def few_shot_evaluator(learner: FewShotLearner, dataset: ClassDataset,
       extra = dict(precomputed_features=True,
                    feature_seconds=round(time.time() - start, 2))
     accuracies = np.asarray(evaluate(meta_params, model_state, data, key))
+    if per_episode:
+      extra['accuracies'] = accuracies.astype(float).tolist()
     return dict(summarize(accuracies), ways=spec.num_ways,
                 shots=spec.num_shots, queries=spec.num_queries,
                 seconds=round(time.time() - start, 2), **extra)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Sequence
 
 from fewshot import workdir as workdir_lib
@@ -26,8 +27,8 @@ PROTOCOLS = ('episodes', 'retrieval')
 
 
 def evaluate_workdir(experiment: Experiment, workdir: str | None, *,
-                     split: str = 'test', protocol: str = 'episodes'
-                     ) -> dict[str, Any]:
+                     split: str = 'test', protocol: str = 'episodes',
+                     per_episode: bool = False) -> dict[str, Any]:
   """Accuracy and 95% CI of a model on the seeded episodes of `split`, or
   its retrieval metrics over every image of `split` (`protocol`).
 
@@ -35,6 +36,8 @@ def evaluate_workdir(experiment: Experiment, workdir: str | None, *,
   the configured model as built from its `backbone.weights` (a pretrained
   backbone with a linear probe, say, or fine-tuned per episode). Every
   model evaluated with the same `eval` settings sees the same episodes.
+  `per_episode=True` adds `accuracies`, the list of per-episode accuracies
+  (few-shot episodes only; other evaluations raise a ValueError).
 
   Returns:
     The evaluator's summary (episodes: `accuracy`, `ci95`, `episodes`,
@@ -54,6 +57,10 @@ def evaluate_workdir(experiment: Experiment, workdir: str | None, *,
     evaluate = experiment.retrieval[split]()
   else:
     evaluate = experiment.evaluators[split]
+  if per_episode and (protocol != 'episodes' or 'per_episode' not in
+                      inspect.signature(evaluate).parameters):
+    raise ValueError('Per-episode accuracies come from few-shot episodes '
+                     f'only; this evaluation ({protocol}) has none.')
   info = dict(experiment.info)
   if workdir is None:
     if not info.get('weights'):
@@ -65,7 +72,8 @@ def evaluate_workdir(experiment: Experiment, workdir: str | None, *,
   else:
     params, model_state, step = restore(experiment, workdir)
     info['weights'] = workdir
-  result = evaluate(params, model_state)
+  result = (evaluate(params, model_state, per_episode=True) if per_episode
+            else evaluate(params, model_state))
   # A few-label evaluator names its own protocol.
   result.update(split=split, step=step, **info)
   result.setdefault('protocol', protocol)
