@@ -20,8 +20,8 @@ from typing import Sequence
 
 from absl import app
 from absl import flags
-from ml_collections import config_flags
 
+from fewshot import config_flags  # ml_collections', overrides checked
 from fewshot import builder
 from fewshot._utils import quiet_library_logs
 from fewshot.evaluators import workdir as evaluation

@@ -31,8 +31,8 @@ def default_data_dir(data_dir: str | os.PathLike | None = None) -> str | None:
 
 def default_manual_dir(manual_dir: str | os.PathLike | None = None
                        ) -> str | None:
-  """`manual_dir`, else `$FEWSHOT_MANUAL_DIR`, else None."""
-  if manual_dir is not None:
+  """`manual_dir`, else `$FEWSHOT_MANUAL_DIR`, else None ('' is unset)."""
+  if manual_dir is not None and os.fspath(manual_dir):
     return os.fspath(manual_dir)
   return os.environ.get(MANUAL_DIR_ENV) or None
 

@@ -37,15 +37,20 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from fewshot.data.cache import (CACHE_SUBDIR, default_data_dir,
-                                default_manual_dir, load_cached, save_cached)
+from fewshot.data import sources
+from fewshot.data.cache import (CACHE_SUBDIR, MANUAL_DIR_ENV,
+                                default_data_dir, default_manual_dir,
+                                load_cached, save_cached)
 from fewshot.data.dataset import ClassDataset, resize_images
 from fewshot.data.folders import _decode, read_class_folders
-from fewshot.data.idx import load_mnist_split
+from fewshot.data.idx import MNIST_FILE_NAMES, load_mnist_split
 
 DOMAINS = ('fashion_mnist', 'folder', 'mnist', 'pacs', 'usps')
 PACS_DOMAINS = ('art_painting', 'cartoon', 'photo', 'sketch')
 PACS_ARCHIVE = 'pacs/pacs_128.zip'
+# A domain section (`config.source`, `config.target`) may set manual_dir.
+_SETTING = f"${MANUAL_DIR_ENV} (or the domain's manual_dir option)"
+USPS_FILES = (('zip.train.gz', 'zip.train'), ('zip.test.gz', 'zip.test'))
 PACS_SPLIT_FILE = pathlib.Path(__file__).parent / 'splits' / 'pacs.json'
 FASHION_SYSTEM_DIR = '/usr/share/datasets/fashion-mnist'
 DIGIT_NAMES = tuple(str(d) for d in range(10))
@@ -56,15 +61,12 @@ _CACHE_FORMAT = 1
 _FOLDER_SIZE = 128  # a folder domain's image size unless image_size is set
 
 
-def _manual_path(manual_dir, relative: str, what: str) -> pathlib.Path:
-  base = default_manual_dir(manual_dir)
-  if base is None:
-    raise FileNotFoundError(f'{what}: no manual_dir; set $FEWSHOT_MANUAL_DIR '
-                            '(e.g. ../shared/data) or pass data.manual_dir.')
-  path = pathlib.Path(base) / relative
-  if not path.exists():
-    raise FileNotFoundError(f'{what}: {path} does not exist.')
-  return path
+def _manual_folder(manual_dir, subdir: str, what: str, files,
+                   **kwargs) -> pathlib.Path:
+  """`<manual_dir>/<subdir>` holding `files`; else a clear, fast error."""
+  return sources.check_manual_files(
+      what, default_manual_dir(manual_dir), subdir=subdir, files=files,
+      setting=_SETTING, **kwargs)
 
 
 def hold_out(labels: np.ndarray, fraction: float, seed: int
@@ -116,7 +118,7 @@ def _resize_bilinear(images_NxHxW: np.ndarray, size: int) -> np.ndarray:
 
 
 def _usps(manual_dir, val_fraction, seed) -> dict[str, ClassDataset]:
-  folder = _manual_path(manual_dir, 'usps', 'USPS')
+  folder = _manual_folder(manual_dir, 'usps', 'USPS', USPS_FILES)
   splits = {}
   for split, stem in (('train', 'zip.train'), ('test', 'zip.test')):
     path = folder / (stem + '.gz')
@@ -134,15 +136,10 @@ def _idx_domain(folder, names, val_fraction, seed):
                          test_labels, names, val_fraction, seed)
 
 
-def _fashion_folder(manual_dir) -> str:
-  base = default_manual_dir(manual_dir)
-  candidates = ([os.path.join(base, 'fashion-mnist')] if base else []) + [
-      FASHION_SYSTEM_DIR]
-  for candidate in candidates:
-    if os.path.isdir(candidate):
-      return candidate
-  raise FileNotFoundError(f'Fashion-MNIST: none of {candidates} exists '
-                          '(apt-get install dataset-fashion-mnist).')
+def _fashion_folder(manual_dir) -> pathlib.Path:
+  return _manual_folder(manual_dir, 'fashion-mnist', 'Fashion-MNIST',
+                        MNIST_FILE_NAMES, extra_folders=[FASHION_SYSTEM_DIR],
+                        origin='apt-get install dataset-fashion-mnist')
 
 
 def pacs_val_names() -> dict[str, list[str]]:
@@ -164,7 +161,8 @@ def _pacs(manual_dir, domain: str | None) -> dict[str, ClassDataset]:
                             np.concatenate([p[s].labels for p in parts]),
                             parts[0][s].class_names) for s in SPLITS}
   import zipfile  # pylint: disable=g-import-not-at-top
-  archive = _manual_path(manual_dir, PACS_ARCHIVE, 'PACS')
+  folder, name = PACS_ARCHIVE.split('/')
+  archive = _manual_folder(manual_dir, folder, 'PACS', [name]) / name
   prefix = f'PACS/{domain}/'
   with zipfile.ZipFile(archive) as zf:
     names = sorted(n for n in zf.namelist()
@@ -282,7 +280,8 @@ def load_domain(name: str, *, domain: str | None = None,
     if all(d is not None for d in cached.values()):
       return cached
   if name == 'mnist':
-    splits = _idx_domain(_manual_path(manual_dir, 'mnist', 'MNIST'),
+    splits = _idx_domain(_manual_folder(manual_dir, 'mnist', 'MNIST',
+                                        MNIST_FILE_NAMES),
                          DIGIT_NAMES, val_fraction, seed)
   elif name == 'usps':
     splits = _usps(manual_dir, val_fraction, seed)

@@ -14,6 +14,9 @@ MNIST_FILES = {
     'train': ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'),
     'test': ('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte'),
 }
+# Every file of both splits, as (gzipped, plain) names: either will do.
+MNIST_FILE_NAMES = tuple((f'{stem}.gz', stem) for stems in MNIST_FILES.values()
+                         for stem in stems)
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
@@ -68,5 +71,5 @@ def load_mnist_split(directory: str | os.PathLike, split: str
   return images.astype(np.uint8), labels.astype(np.int32)
 
 
-__all__ = ['MNIST_FILES', 'find_mnist_files', 'load_mnist_split', 'read_idx',
-           'write_idx']
+__all__ = ['MNIST_FILES', 'MNIST_FILE_NAMES', 'find_mnist_files',
+           'load_mnist_split', 'read_idx', 'write_idx']

@@ -22,9 +22,10 @@ import os
 
 import numpy as np
 
+from fewshot.data import sources
 from fewshot.data.batches import MultiLabelImages
-from fewshot.data.idx import load_mnist_split
-from fewshot.data.cache import default_manual_dir
+from fewshot.data.idx import MNIST_FILE_NAMES, load_mnist_split
+from fewshot.data.cache import MANUAL_DIR_ENV, default_manual_dir
 
 VARIANTS = ('mnist', 'fashion', 'mixed')
 FASHION_SYSTEM_DIR = '/usr/share/datasets/fashion-mnist'  # Debian package
@@ -38,19 +39,15 @@ def default_source_dir(source: str, manual_dir=None) -> str:
   `<manual_dir or $FEWSHOT_MANUAL_DIR>/mnist` (or `/fashion-mnist`); for
   Fashion-MNIST also the Debian package's folder.
   """
-  base = default_manual_dir(manual_dir)
   name = {'mnist': 'mnist', 'fashion': 'fashion-mnist'}[source]
-  candidates = [os.path.join(base, name)] if base else []
-  if source == 'fashion':
-    candidates.append(FASHION_SYSTEM_DIR)
-  for candidate in candidates:
-    if os.path.isdir(candidate):
-      return candidate
-  raise FileNotFoundError(
-      f'No {name} IDX files: looked in {candidates or ["(no manual_dir)"]}. '
-      f'Set $FEWSHOT_MANUAL_DIR or pass data.{source}_dir'
-      + (' (or apt-get install dataset-fashion-mnist)'
-         if source == 'fashion' else '') + '.')
+  fashion = source == 'fashion'
+  return os.fspath(sources.check_manual_files(
+      {'mnist': 'MNIST', 'fashion': 'Fashion-MNIST'}[source],
+      default_manual_dir(manual_dir), subdir=name,
+      files=MNIST_FILE_NAMES,
+      extra_folders=[FASHION_SYSTEM_DIR] if fashion else [],
+      origin='apt-get install dataset-fashion-mnist' if fashion else None,
+      setting=f"${MANUAL_DIR_ENV} (or the data section's manual_dir)"))
 
 
 def overlay(left_NxHxW: np.ndarray, right_NxHxW: np.ndarray,

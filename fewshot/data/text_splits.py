@@ -27,6 +27,7 @@ from typing import Sequence
 
 import numpy as np
 
+from fewshot.data import sources
 from fewshot.data.cache import default_manual_dir
 from fewshot.data.dataset import ClassDataset
 from fewshot.data.text import Tokenizer, read_labelled_texts, text_dataset
@@ -172,13 +173,13 @@ def banking77_splits(*, tokenizer: str | os.PathLike[str] | Tokenizer,
   warning).
   `manual_dir` defaults to `$FEWSHOT_MANUAL_DIR`.
   """
-  root = pathlib.Path(default_manual_dir(manual_dir) or '.').expanduser()
-  root = root / 'banking77' if (root / 'banking77').is_dir() else root
+  base = default_manual_dir(manual_dir)
+  files = ('train.csv', 'test.csv')
+  # `<manual_dir>/banking77/`, or the manual dir itself if it holds them.
+  extra = [base] if base is not None else []
+  root = sources.check_manual_files('banking77', base, subdir='banking77',
+                                    files=files, extra_folders=extra)
   train, test = root / 'train.csv', root / 'test.csv'
-  if not train.is_file() or not test.is_file():
-    raise FileNotFoundError(
-        f'banking77 needs train.csv and test.csv under {root} (set '
-        'manual_dir or $FEWSHOT_MANUAL_DIR to the folder holding banking77/).')
   return text_splits(train, tokenizer=tokenizer, test_path=test,
                      protocol=protocol,
                      class_split=banking77_class_split()

@@ -22,12 +22,14 @@ import os
 import pathlib
 import re
 from typing import Any, Sequence
+import urllib.parse
 
 import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
 from fewshot.data import builders as _builders  # pylint: disable=unused-import
+from fewshot.data import sources
 # DATA_DIR_ENV, MANUAL_DIR_ENV and the default_*_dir helpers are re-exported.
 from fewshot.data.cache import (  # pylint: disable=unused-import
     CACHE_SUBDIR, DATA_DIR_ENV, MANUAL_DIR_ENV, default_data_dir,
@@ -52,14 +54,48 @@ def get_builder(name: str, *, data_dir: str | os.PathLike | None = None,
     manual_dir: where manually downloaded archives live (see
       `default_manual_dir`).
     prepare: prepare the dataset if it is not prepared yet.
+
+  Raises:
+    FileNotFoundError: preparing needs archives that cannot be had (a given
+      manual dir lacks them, or none was given and the download host does not
+      answer): raised within seconds, naming the files (see
+      `fewshot.data.sources`).
   """
   builder = tfds.builder(name, data_dir=default_data_dir(data_dir),
                          file_format='array_record')
   if prepare and not builder.is_prepared():
+    manual_dir = default_manual_dir(manual_dir)
+    check_sources(builder, manual_dir)
     builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(
-            manual_dir=default_manual_dir(manual_dir)))
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   return builder
+
+
+def check_sources(builder: tfds.core.DatasetBuilder,
+                  manual_dir: str | None) -> None:
+  """Fails fast when `builder` cannot get its archives (before TFDS retries).
+
+  The library's builders check their own (`check_sources`). Any other TFDS
+  builder with registered URLs needs each file in `manual_dir` or its host to
+  answer a connect.
+  """
+  own = getattr(type(builder), 'check_sources', None)
+  if own is not None:
+    own(manual_dir)
+    return
+  try:
+    url_infos = dict(builder.url_infos or {})
+  except Exception:  # pylint: disable=broad-except
+    return  # No checksums registered: leave it to TFDS.
+  needed = {}  # url -> file name, for the files not in the manual dir
+  for url, info in url_infos.items():
+    filename = info.filename or url.rstrip('/').rsplit('/', 1)[-1]
+    if manual_dir is None or not os.path.exists(
+        os.path.join(os.path.expanduser(manual_dir), filename)):
+      needed[url] = filename
+  for url in {urllib.parse.urlsplit(u).netloc: u for u in needed}.values():
+    sources.check_online(builder.name, url, subdir='',
+                         files=sorted(needed.values()), manual_dir=manual_dir)
 
 
 def _cache_path(builder: tfds.core.DatasetBuilder, split: str,

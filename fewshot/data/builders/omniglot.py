@@ -8,7 +8,11 @@ four original zips with `zipfile` (no extraction) and needs no TensorFlow:
   `tfds.download.DownloadConfig(manual_dir='../shared/data')`).
 * Online, when `<manual_dir>/omniglot/` does not exist, it downloads them from
   github.com/brendenlake/omniglot (`python/` folder) through the TFDS download
-  manager, which checks the registered sizes and SHA-256 checksums.
+  manager, which checks the registered sizes and SHA-256 checksums. The host
+  is probed first, so offline it fails in seconds, not after minutes of
+  retries.
+* `check_sources` (called by `fewshot.data.tfds_loading.get_builder`) fails
+  at once when a manual dir was given but lacks the zips.
 
 Splits: `train` (images_background, 30 alphabets, 964 characters, 19,280
 images), `test` (images_evaluation, 20 alphabets, 659 characters, 13,180
@@ -43,6 +47,8 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.download import checksums as checksums_lib
+
+from fewshot.data import sources
 
 _HOMEPAGE = 'https://github.com/brendenlake/omniglot'
 _URL = _HOMEPAGE + '/raw/master/python/'
@@ -84,6 +90,8 @@ _RELEASE_CHECKSUMS: dict[str, tuple[int, str]] = {
         (1580917,
          '3ccaa407515a8778e5d0861875af38b17e418f301ad5bb3b5a6b65d901a41c7f'),
 }
+
+ARCHIVE_FILES = tuple(f'{stem}.zip' for stem in SPLIT_ARCHIVES.values())
 
 _CHARACTER_RE = re.compile(r'character(\d+)')
 _IMAGE_RE = re.compile(r'\d+_\d+\.png')
@@ -208,6 +216,25 @@ class FewshotOmniglot(tfds.core.GeneratorBasedBuilder):
   (from {_URL}). Without that folder they are downloaded.
   """
 
+  @classmethod
+  def check_sources(cls, manual_dir: str | None) -> None:
+    """Fails fast, naming the files, when the zips cannot be had.
+
+    Args:
+      manual_dir: the manual dir the user gave (None: none given). Given, it
+        must hold `omniglot/<set>.zip` for the four sets; not given, the
+        download host must answer a connect within a few seconds.
+
+    Raises:
+      FileNotFoundError: neither holds.
+    """
+    if manual_dir is not None:
+      sources.check_manual_files('Omniglot', manual_dir, subdir=MANUAL_SUBDIR,
+                                 files=ARCHIVE_FILES, origin=_URL)
+    else:
+      sources.check_online('Omniglot', _URL, subdir=MANUAL_SUBDIR,
+                           files=ARCHIVE_FILES)
+
   @tfds.core.utils.classproperty
   @classmethod
   def url_infos(cls) -> dict[str, checksums_lib.UrlInfo]:
@@ -243,28 +270,26 @@ class FewshotOmniglot(tfds.core.GeneratorBasedBuilder):
   def _archive_paths(self, dl_manager: tfds.download.DownloadManager
                      ) -> dict[str, Any]:
     """Split -> zip: from `<manual_dir>/omniglot/` if it exists, else online."""
-    zips = ', '.join(f'{stem}.zip' for stem in SPLIT_ARCHIVES.values())
     manual_dir = _manual_dir_or_none(dl_manager)
     folder = manual_dir / MANUAL_SUBDIR if manual_dir is not None else None
     if folder is not None and folder.exists():
-      paths = {split: folder / f'{stem}.zip'
-               for split, stem in SPLIT_ARCHIVES.items()}
-      missing = [str(p) for p in paths.values() if not p.exists()]
-      if missing:
-        raise FileNotFoundError(
-            f'Omniglot archive(s) missing: {", ".join(missing)}. Expected all '
-            f'four release zips ({zips}) in {folder}; get them from {_URL}, '
-            'or remove that folder to download them.')
-      return paths
+      # A folder that exists must hold all four (or be removed to download).
+      sources.check_manual_files('Omniglot', manual_dir, subdir=MANUAL_SUBDIR,
+                                 files=ARCHIVE_FILES, origin=_URL)
+      return {split: folder / f'{stem}.zip'
+              for split, stem in SPLIT_ARCHIVES.items()}
+    # Offline, the download manager retries for minutes: probe first.
+    sources.check_online('Omniglot', _URL, subdir=MANUAL_SUBDIR,
+                         files=ARCHIVE_FILES, manual_dir=manual_dir)
     urls = {split: f'{_URL}{stem}.zip'
             for split, stem in SPLIT_ARCHIVES.items()}
-    where = folder or f'<manual_dir>/{MANUAL_SUBDIR} (no manual dir was given)'
     try:
       return dl_manager.download(urls)
     except Exception as e:  # pylint: disable=broad-except
-      raise RuntimeError(
-          f'Could not download the Omniglot zips from {_URL} ({e!r}). To '
-          f'prepare offline, put {zips} in {where}.') from e
+      raise sources.not_found(
+          'Omniglot', f'the download from {_URL} failed ({e!r})',
+          subdir=MANUAL_SUBDIR, files=ARCHIVE_FILES,
+          manual_dir=manual_dir) from e
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     paths = self._archive_paths(dl_manager)

@@ -19,12 +19,15 @@ entry (e.g. 'n01443537' -> 'goldfish, Carassius auratus').
 from __future__ import annotations
 
 import io
+import pathlib
 import re
 import zipfile
 from typing import Any, Iterator
 
 from PIL import Image
 import tensorflow_datasets as tfds
+
+from fewshot.data import sources
 
 _HOMEPAGE = 'http://cs231n.stanford.edu/tiny-imagenet-200.zip'
 MANUAL_SUBDIR = 'tiny-imagenet'
@@ -37,15 +40,23 @@ _IMAGE_RE = re.compile(
     re.IGNORECASE)
 
 
+def _not_found(problem: str, manual_dir: Any = None) -> FileNotFoundError:
+  return sources.not_found(
+      'Tiny-ImageNet', problem, subdir=MANUAL_SUBDIR,
+      files=[ARCHIVE_NAMES], manual_dir=manual_dir,
+      origin=f'{_HOMEPAGE}; it is never downloaded, ImageNet terms')
+
+
 def find_archive(manual_dir: Any) -> Any:
   """The zip in `<manual_dir>/tiny-imagenet/`; a clear error if absent."""
+  if manual_dir is None:
+    raise _not_found('no manual dir is set')
   folder = manual_dir / MANUAL_SUBDIR
   for name in ARCHIVE_NAMES:
     if (folder / name).exists():
       return folder / name
-  raise FileNotFoundError(
-      f'No Tiny-ImageNet archive found: expected {folder / ARCHIVE_NAMES[0]} '
-      f'(or {folder / ARCHIVE_NAMES[1]}, the full release from {_HOMEPAGE}).')
+  raise _not_found(f'{folder}/ has neither {" nor ".join(ARCHIVE_NAMES)}',
+                   manual_dir)
 
 
 def read_class_info(path: Any) -> tuple[list[str], dict[str, str],
@@ -123,6 +134,11 @@ class FewshotTinyImagenet(tfds.core.GeneratorBasedBuilder):
   in `<manual_dir>/{MANUAL_SUBDIR}/`.
   """
 
+  @classmethod
+  def check_sources(cls, manual_dir: str | None) -> None:
+    """Fails fast, naming the files, when the manual dir lacks the zip."""
+    find_archive(None if manual_dir is None else pathlib.Path(manual_dir))
+
   def _info(self) -> tfds.core.DatasetInfo:
     # Not `dataset_info_from_configs`: this folder holds several builders.
     return tfds.core.DatasetInfo(
@@ -143,8 +159,8 @@ class FewshotTinyImagenet(tfds.core.GeneratorBasedBuilder):
     try:
       manual_dir = dl_manager.manual_dir
     except AssertionError as e:
-      raise FileNotFoundError(
-          f'Tiny-ImageNet must be prepared from a manual dir ({e}).') from e
+      raise _not_found(f'no usable manual dir ({str(e).splitlines()[0]})'
+                       ) from e
     path = find_archive(manual_dir)
     wnids, descriptions, images = read_class_info(path)
     self.info.features['label'].names = wnids
