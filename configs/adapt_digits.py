@@ -17,7 +17,7 @@ seed, steps, batch_size (per domain), lr.
 
 import ml_collections
 
-from fewshot.config_args import eval_section, parse_arg
+from fewshot.config_args import eval_section, parse_arg, train_section
 
 # The transfer loss's weight per method (TLlib's digits scripts use 1.0;
 # MMD and CORAL losses are small, so they get more).
@@ -43,9 +43,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.objective = objective
   config.optimizer = dict(name='sgd', learning_rate=args.lr,
                           schedule='cosine', weight_decay=5e-4)
-  config.train = dict(num_steps=args.steps, log_every=100,
-                      eval_every=max(args.steps // 4, 1),
-                      checkpoint_every_steps=1000, checkpoint_every_secs=600,
-                      max_checkpoints=2)
+  config.train = train_section(num_steps=args.steps, log_every=100,
+                               eval_every=max(args.steps // 4, 1),
+                               checkpoint_every_steps=1000,
+                               checkpoint_every_secs=600, max_checkpoints=2)
   config.eval = eval_section(batch_size=1000)
   return config

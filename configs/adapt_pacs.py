@@ -20,7 +20,7 @@ image_size (of the backbone's input; the images stay 128x128).
 
 import ml_collections
 
-from fewshot.config_args import eval_section, parse_arg
+from fewshot.config_args import eval_section, parse_arg, train_section
 
 DOMAINS = ('art_painting', 'cartoon', 'photo', 'sketch')
 
@@ -57,9 +57,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optimizer = dict(name='sgd', learning_rate=args.lr,
                           schedule='cosine', weight_decay=5e-4,
                           rate_multipliers={'backbone': 0.1})
-  config.train = dict(num_steps=args.steps, log_every=50,
-                      eval_every=max(args.steps // 4, 1),
-                      checkpoint_every_steps=250, checkpoint_every_secs=600,
-                      max_checkpoints=2)
+  config.train = train_section(num_steps=args.steps, log_every=50,
+                               eval_every=max(args.steps // 4, 1),
+                               checkpoint_every_steps=250,
+                               checkpoint_every_secs=600, max_checkpoints=2)
   config.eval = eval_section(batch_size=256)
   return config

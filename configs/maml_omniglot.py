@@ -39,7 +39,8 @@ after 1,500 meta-batches 81.52 +- 0.62.
 
 import ml_collections
 
-from fewshot.config_args import data_section, eval_section, parse_arg
+from fewshot.config_args import (data_section, eval_section, parse_arg,
+                                 train_section)
 
 # The config argument's keys and defaults; a type means "not set" (the
 # value then follows from the others, as the docstring says).
@@ -90,14 +91,9 @@ def config_from_args(args: ml_collections.ConfigDict
       meta_batch_size=(args.meta_batch_size if args.meta_batch_size is not None
                        else 32 if five_way else 16),
   )
-  config.train = dict(
-      num_steps=args.steps,
-      log_every=50,
-      eval_every=500,
-      checkpoint_every_steps=500,
-      checkpoint_every_secs=300,
-      max_checkpoints=3,
-  )
+  config.train = train_section(num_steps=args.steps, log_every=50,
+                               eval_every=500, checkpoint_every_steps=500,
+                               checkpoint_every_secs=300, max_checkpoints=3)
   config.eval = eval_section(ways=args.ways, shots=args.shots,
                              images_per_chunk=1024)
   return config

@@ -18,7 +18,8 @@ episodes; far from converged.
 
 import ml_collections
 
-from fewshot.config_args import data_section, eval_section, parse_arg
+from fewshot.config_args import (data_section, eval_section, parse_arg,
+                                 train_section)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -36,10 +37,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optimizer = dict(name='adam', learning_rate=1e-3, schedule='constant')
   config.objective = dict(name='episodic', ways=args.ways, shots=args.shots,
                           queries=15, meta_batch_size=4)
-  config.train = dict(
-      num_steps=args.steps, log_every=50, eval_every=1000,
-      checkpoint_every_steps=1000, checkpoint_every_secs=300,
-      max_checkpoints=3)
+  config.train = train_section(num_steps=args.steps, log_every=50,
+                               eval_every=1000, checkpoint_every_steps=1000,
+                               checkpoint_every_secs=300, max_checkpoints=3)
   config.eval = eval_section(ways=args.ways, shots=args.shots,
                              val_episodes=200, images_per_chunk=1024)
   return config

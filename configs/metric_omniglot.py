@@ -31,7 +31,7 @@ ProtoNet; episodes are classified by the nearest centroid in cosine.
 import ml_collections
 
 from fewshot.config_args import (data_section, eval_section, metric_objective,
-                                 parse_arg)
+                                 parse_arg, train_section)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -53,9 +53,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                           decay_every=args.decay_every, decay_factor=0.5)
   if args.loss_rate != 1.0:  # proxies / class weights train this much faster
     config.optimizer.rate_multipliers = dict(loss=args.loss_rate)
-  config.train = dict(num_steps=args.steps, log_every=100, eval_every=1000,
-                      checkpoint_every_steps=1000, checkpoint_every_secs=300,
-                      max_checkpoints=3)
+  config.train = train_section(num_steps=args.steps, log_every=100,
+                               eval_every=1000, checkpoint_every_steps=1000,
+                               checkpoint_every_secs=300, max_checkpoints=3)
   config.eval = eval_section(ways=args.ways, shots=args.shots,
                              retrieval_distance='cosine')
   return config

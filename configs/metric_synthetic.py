@@ -12,7 +12,8 @@ embedding_dim, projection, steps).
 
 import ml_collections
 
-from fewshot.config_args import eval_section, metric_objective, parse_arg
+from fewshot.config_args import (eval_section, metric_objective, parse_arg,
+                                 train_section)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -30,9 +31,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       embedding_dim=None if args.projection == 'none' else args.embedding_dim,
       augment=dict(crop_padding=2, pad_mode='edge'))
   config.optimizer = dict(name='adam', learning_rate=1e-3, schedule='constant')
-  config.train = dict(num_steps=args.steps, log_every=10, eval_every=15,
-                      checkpoint_every_steps=15, checkpoint_every_secs=300,
-                      max_checkpoints=2)
+  config.train = train_section(num_steps=args.steps, log_every=10,
+                               eval_every=15, checkpoint_every_steps=15,
+                               checkpoint_every_secs=300, max_checkpoints=2)
   config.eval = eval_section(queries=5, num_episodes=100, val_episodes=50,
                              retrieval_distance='cosine')
   return config

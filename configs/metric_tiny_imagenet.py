@@ -30,7 +30,7 @@ Training images are randomly cropped (4 pixels of padding) and flipped.
 import ml_collections
 
 from fewshot.config_args import (data_section, eval_section, metric_objective,
-                                 parse_arg)
+                                 parse_arg, train_section)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -60,9 +60,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                           schedule='cosine', warmup_steps=200)
   if args.loss_rate != 1.0:
     config.optimizer.rate_multipliers = dict(loss=args.loss_rate)
-  config.train = dict(num_steps=args.steps, log_every=100, eval_every=1000,
-                      checkpoint_every_steps=1000, checkpoint_every_secs=300,
-                      max_checkpoints=3)
+  config.train = train_section(num_steps=args.steps, log_every=100,
+                               eval_every=1000, checkpoint_every_steps=1000,
+                               checkpoint_every_secs=300, max_checkpoints=3)
   config.eval = eval_section(ways=args.ways, shots=args.shots,
                              val_episodes=200, retrieval_distance='cosine')
   return config

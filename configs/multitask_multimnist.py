@@ -21,7 +21,7 @@ images, for a quick run).
 
 import ml_collections
 
-from fewshot.config_args import eval_section, parse_arg
+from fewshot.config_args import eval_section, parse_arg, train_section
 
 TASKS = ('left', 'right')
 
@@ -49,10 +49,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       weighting=dict(name=args.method))
   config.optimizer = dict(name='adam', learning_rate=args.lr,
                           schedule='cosine', warmup_steps=0)
-  config.train = dict(num_steps=args.steps, log_every=100,
-                      eval_every=max(args.steps // 4, 1),
-                      checkpoint_every_steps=1000, checkpoint_every_secs=600,
-                      max_checkpoints=2)
+  config.train = train_section(num_steps=args.steps, log_every=100,
+                               eval_every=max(args.steps // 4, 1),
+                               checkpoint_every_steps=1000,
+                               checkpoint_every_secs=600, max_checkpoints=2)
   config.eval = eval_section(
       batch_size=1000,
       baselines=tuple(filter(None, args.baselines.split('+'))))

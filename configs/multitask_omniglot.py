@@ -18,7 +18,8 @@ method (a weighting of `fewshot.multitask.WEIGHTINGS`), steps, batch_size
 
 import ml_collections
 
-from fewshot.config_args import data_section, eval_section, parse_arg
+from fewshot.config_args import (data_section, eval_section, parse_arg,
+                                 train_section)
 
 TASKS = ('character', 'alphabet', 'rotation')
 
@@ -51,10 +52,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                           weighting=dict(name=args.method))
   config.optimizer = dict(name='adam', learning_rate=args.lr,
                           schedule='cosine', warmup_steps=0)
-  config.train = dict(num_steps=args.steps, log_every=100,
-                      eval_every=max(args.steps // 3, 1),
-                      checkpoint_every_steps=1000, checkpoint_every_secs=600,
-                      max_checkpoints=2)
+  config.train = train_section(num_steps=args.steps, log_every=100,
+                               eval_every=max(args.steps // 3, 1),
+                               checkpoint_every_steps=1000,
+                               checkpoint_every_secs=600, max_checkpoints=2)
   config.eval = eval_section(
       batch_size=1000, fewshot_data=omniglot, fewshot_ways=(5, 20),
       fewshot_shots=1, fewshot_queries=15, fewshot_episodes=args.episodes)

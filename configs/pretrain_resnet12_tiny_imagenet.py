@@ -37,7 +37,8 @@ image_size, epochs, batch_size, shots (of the evaluation episodes), head
 
 import ml_collections
 
-from fewshot.config_args import data_section, eval_section, parse_arg
+from fewshot.config_args import (data_section, eval_section, parse_arg,
+                                 train_section)
 
 META_TRAIN_IMAGES = 120 * 500
 
@@ -62,11 +63,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                    flip=True))
   config.optimizer = dict(name='sgd', learning_rate=0.05, weight_decay=5e-4,
                           schedule='cosine', warmup_steps=100)
-  config.train = dict(
-      num_steps=args.epochs * steps_per_epoch,
-      log_every=50, eval_every=steps_per_epoch,
-      checkpoint_every_steps=500, checkpoint_every_secs=300,
-      max_checkpoints=2)
+  config.train = train_section(num_steps=args.epochs * steps_per_epoch,
+                               log_every=50, eval_every=steps_per_epoch,
+                               checkpoint_every_steps=500,
+                               checkpoint_every_secs=300, max_checkpoints=2)
   config.eval = eval_section(shots=args.shots, val_episodes=100,
                              images_per_chunk=1000)
   return config

@@ -11,7 +11,7 @@ it; `fewshot.workdir.load_backbone('runs/pretrain_smoke')` returns it.
 
 import ml_collections
 
-from fewshot.config_args import eval_section, parse_arg
+from fewshot.config_args import eval_section, parse_arg, train_section
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -29,9 +29,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       augment=dict(crop_padding=2, pad_mode='constant', flip=True))
   config.optimizer = dict(name='sgd', learning_rate=0.05, weight_decay=5e-4,
                           schedule='cosine', warmup_steps=0)
-  config.train = dict(num_steps=args.steps, log_every=5, eval_every=10,
-                      checkpoint_every_steps=10, checkpoint_every_secs=300,
-                      max_checkpoints=2)
+  config.train = train_section(num_steps=args.steps, log_every=5, eval_every=10,
+                               checkpoint_every_steps=10,
+                               checkpoint_every_secs=300, max_checkpoints=2)
   config.eval = eval_section(queries=3, val_episodes=10, num_episodes=20,
                              images_per_chunk=512)
   return config

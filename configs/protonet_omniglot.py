@@ -23,7 +23,8 @@ alone on a 2-core CPU), on 1,000 test episodes: 5-way 1-shot 98.56 +- 0.19,
 
 import ml_collections
 
-from fewshot.config_args import data_section, eval_section, parse_arg
+from fewshot.config_args import (data_section, eval_section, parse_arg,
+                                 train_section)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -45,13 +46,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       meta_batch_size=1,
       augment=dict(crop_padding=args.shift, pad_mode='edge'),
   )
-  config.train = dict(
-      num_steps=args.steps,
-      log_every=100,
-      eval_every=1000,
-      checkpoint_every_steps=1000,
-      checkpoint_every_secs=300,
-      max_checkpoints=3,
-  )
+  config.train = train_section(num_steps=args.steps, log_every=100,
+                               eval_every=1000, checkpoint_every_steps=1000,
+                               checkpoint_every_secs=300, max_checkpoints=3)
   config.eval = eval_section(ways=args.ways, shots=args.shots)
   return config

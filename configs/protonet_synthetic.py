@@ -8,7 +8,7 @@ Needs no dataset; used by the tests and to try the pipeline:
 
 import ml_collections
 
-from fewshot.config_args import eval_section, parse_arg
+from fewshot.config_args import eval_section, parse_arg, train_section
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -22,9 +22,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.objective = dict(name='episodic', ways=10, shots=args.shots,
                           queries=5, meta_batch_size=1)
   config.optimizer = dict(name='adam', learning_rate=1e-3, schedule='constant')
-  config.train = dict(num_steps=args.steps, log_every=10, eval_every=25,
-                      checkpoint_every_steps=25, checkpoint_every_secs=300,
-                      max_checkpoints=2)
+  config.train = train_section(num_steps=args.steps, log_every=10,
+                               eval_every=25, checkpoint_every_steps=25,
+                               checkpoint_every_secs=300, max_checkpoints=2)
   config.eval = eval_section(ways=args.ways, shots=args.shots, queries=5,
                              num_episodes=100, val_episodes=50)
   return config

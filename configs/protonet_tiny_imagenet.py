@@ -15,7 +15,8 @@ on 600 test episodes.
 
 import ml_collections
 
-from fewshot.config_args import data_section, eval_section, parse_arg
+from fewshot.config_args import (data_section, eval_section, parse_arg,
+                                 train_section)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -30,10 +31,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                           warmup_steps=200)
   config.objective = dict(name='episodic', ways=args.train_ways,
                           shots=args.shots, queries=15, meta_batch_size=1)
-  config.train = dict(
-      num_steps=args.steps, log_every=100, eval_every=1000,
-      checkpoint_every_steps=1000, checkpoint_every_secs=300,
-      max_checkpoints=3)
+  config.train = train_section(num_steps=args.steps, log_every=100,
+                               eval_every=1000, checkpoint_every_steps=1000,
+                               checkpoint_every_secs=300, max_checkpoints=3)
   config.eval = eval_section(ways=args.ways, shots=args.shots,
                              val_episodes=200)
   return config

@@ -20,7 +20,8 @@ The config argument is a comma-separated list of `key=value` overrides:
 
 import ml_collections
 
-from fewshot.config_args import data_section, eval_section, parse_arg
+from fewshot.config_args import (data_section, eval_section, parse_arg,
+                                 train_section)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -40,8 +41,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       name='episodic', ways=args.ways, shots=args.shots, queries=queries,
       meta_batch_size=1, augment=dict(crop_padding=args.shift,
                                       pad_mode='edge'))
-  config.train = dict(num_steps=args.steps, log_every=100, eval_every=1000,
-                      checkpoint_every_steps=1000, checkpoint_every_secs=300,
-                      max_checkpoints=3)
+  config.train = train_section(num_steps=args.steps, log_every=100,
+                               eval_every=1000, checkpoint_every_steps=1000,
+                               checkpoint_every_secs=300, max_checkpoints=3)
   config.eval = eval_section(ways=args.ways, shots=args.shots)
   return config

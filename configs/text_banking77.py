@@ -41,7 +41,7 @@ import os
 import ml_collections
 from ml_collections import config_dict
 
-from fewshot.config_args import eval_section, parse_arg
+from fewshot.config_args import eval_section, parse_arg, train_section
 
 # The query and value projections of every attention layer (LoRA's usual
 # targets, Hu et al. 2021).
@@ -129,10 +129,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                             warmup_steps=args.train_steps // 10,
                             rate_multipliers={'head': 100.0 if peft is None
                                               else 10.0})
-    config.train = dict(num_steps=args.train_steps, log_every=25,
-                        eval_every=args.train_steps // 2,
-                        checkpoint_every_steps=args.train_steps // 4,
-                        checkpoint_every_secs=600, max_checkpoints=2)
+    config.train = train_section(num_steps=args.train_steps, log_every=25,
+                                 eval_every=args.train_steps // 2,
+                                 checkpoint_every_steps=args.train_steps // 4,
+                                 checkpoint_every_secs=600, max_checkpoints=2)
   elif args.objective != 'none':
     raise ValueError(f'Unknown objective {args.objective!r}; known: none, '
                      'supervised.')

@@ -25,6 +25,12 @@ from fewshot.ops import tune_malloc
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config.',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints and logs go here.')
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    'allow_config_change', False,
+    'Resume a workdir whose config.json differs from --config in fields '
+    'that change the computation (the change is recorded in the workdir\'s '
+    'config_changes.jsonl); without it such a resume stops with the list of '
+    'differing fields.')
 _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', False,
     'Call jax.distributed.initialize() first (multi-host runs; the cluster '
@@ -39,7 +45,9 @@ def main(argv: Sequence[str]) -> None:
   if _DISTRIBUTED.value:
     import jax  # pylint: disable=g-import-not-at-top
     jax.distributed.initialize()
-  results = harness.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  results = harness.train_and_evaluate(
+      _CONFIG.value, _WORKDIR.value,
+      allow_config_change=_ALLOW_CONFIG_CHANGE.value)
   print(json.dumps(results))
   if 'stopped_by' in results:  # stopped by a signal, checkpoint saved
     sys.exit(128 + signal.Signals[results['stopped_by']].value)

@@ -1,9 +1,10 @@
 """A thin orbax wrapper: atomic, bounded, resumable checkpoints of a pytree.
 
 The only module that imports orbax. `Checkpointer` saves and restores a
-whole train state; `restore_subset` reads chosen subtrees of the latest one
-(a pretrained backbone without its optimizer state). Both check the stored
-shapes against the wanted ones with `shape_mismatch`.
+whole train state; `restore_subset` reads chosen subtrees of the newest
+readable one (a pretrained backbone without its optimizer state). Both
+check the stored shapes against the wanted ones with `shape_mismatch`, and
+skip, with a warning, checkpoints whose files cannot be read.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping, Sequence
 
+from absl import logging
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -60,11 +62,61 @@ def shape_mismatch(stored: Mapping[str, tuple[int, ...]],
   return None
 
 
+class ArchitectureMismatch(ValueError):
+  """A checkpoint holds other parameter names or shapes than wanted."""
+
+
+class UnreadableCheckpoints(RuntimeError):
+  """No checkpoint in a directory could be read (truncated, empty, corrupt)."""
+
+
+UNREADABLE = 'unreadable'  # where `Checkpointer` moves unreadable steps
+
+
+def _newest_readable(manager: ocp.CheckpointManager, directory, read, *,
+                     move_aside=None):
+  """`(step, read(step))` for the newest step whose `read` succeeds.
+
+  A step whose files cannot be read (truncated, empty, failing OCDBT's
+  checksums) is skipped with a warning naming it, and passed to
+  `move_aside` if given; `ArchitectureMismatch` and `SubsetMismatch` are
+  not read errors and propagate.
+
+  Raises:
+    FileNotFoundError: no checkpoint in `directory`.
+    UnreadableCheckpoints: none of them could be read.
+  """
+  steps = sorted(manager.all_steps(), reverse=True)
+  if not steps:
+    raise FileNotFoundError(f'No checkpoint in {directory}.')
+  failures = []
+  for step in steps:
+    try:
+      return step, read(step)
+    except (ArchitectureMismatch, SubsetMismatch):
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      reason = f'{type(e).__name__}: {str(e)[:200]}'
+      failures.append(f'step {step} ({reason})')
+      where = move_aside(step) if move_aside else None
+      logging.warning(
+          'The checkpoint at step %d in %s cannot be read (%s)%s; trying the '
+          'one before it.', step, directory, reason,
+          f'; moved it to {where}' if where else '')
+  raise UnreadableCheckpoints(
+      f'None of the checkpoints in {directory} can be read: '
+      + '; '.join(failures) + '. Their files are truncated or corrupt '
+      '(a full disk, or a copy that did not finish?).')
+
+
 class Checkpointer:
   """Saves and restores `(state, config)` under `directory`.
 
   orbax writes each checkpoint to a temporary folder and renames it when
   complete, so a run killed mid-save leaves the previous checkpoint intact.
+  A checkpoint whose files were damaged later (truncated, emptied, bits
+  changed: OCDBT checksums its data) is found on restore, moved aside to
+  `directory/unreadable/` (never deleted) and the one before it is used.
   """
 
   def __init__(self, directory: str | os.PathLike, max_to_keep: int = 3):
@@ -87,27 +139,53 @@ class Checkpointer:
         state=ocp.args.StandardSave(host_state),
         config=ocp.args.JsonSave(config)))
 
-  def restore(self, abstract_state: Any, step: int | None = None
-              ) -> tuple[Any, dict[str, Any]]:
+  def restore(self, abstract_state: Any, step: int | None = None, *,
+              move_unreadable: bool = True) -> tuple[Any, dict[str, Any]]:
     """Restores into the structure of `abstract_state` (e.g. `jax.eval_shape`).
 
+    Without `step`, the newest readable checkpoint: newer ones that cannot
+    be read are skipped with a warning and, if `move_unreadable` (a run
+    about to write new checkpoints), moved to `directory/unreadable/<step>`.
+
     Raises:
-      ValueError: the checkpoint holds another architecture (different
-        parameter names or shapes); the message names the first mismatch.
+      ArchitectureMismatch (a ValueError): the checkpoint holds another
+        architecture (different parameter names or shapes); the message
+        names the first mismatch.
+      FileNotFoundError: no checkpoint.
+      UnreadableCheckpoints: none can be read.
     """
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f'No checkpoint in {self._manager.directory}.')
-    stored = tree_shapes(self._manager.item_metadata(step)['state'].tree)
-    detail = shape_mismatch(stored, tree_shapes(abstract_state))
-    if detail:
-      raise ValueError(
-          f'The checkpoint at step {step} in {self._manager.directory} was '
-          f'written for another architecture: {detail}.')
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        config=ocp.args.JsonRestore()))
-    return restored.state, restored.config
+    wanted = tree_shapes(abstract_state)
+
+    def read(step: int):
+      stored = tree_shapes(self._manager.item_metadata(step)['state'].tree)
+      detail = shape_mismatch(stored, wanted)
+      if detail:
+        raise ArchitectureMismatch(
+            f'The checkpoint at step {step} in {self._manager.directory} was '
+            f'written for another architecture: {detail}.')
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state),
+          config=ocp.args.JsonRestore()))
+      return restored.state, restored.config
+
+    if step is not None:
+      return read(step)
+    _, restored = _newest_readable(
+        self._manager, self._manager.directory, read,
+        move_aside=self._move_aside if move_unreadable else None)
+    return restored
+
+  def _move_aside(self, step: int) -> str:
+    """Moves step `step`'s folder to `unreadable/<step>[-N]`; its new path."""
+    source = os.path.join(os.fspath(self._manager.directory), str(step))
+    target_dir = os.path.join(os.fspath(self._manager.directory), UNREADABLE)
+    os.makedirs(target_dir, exist_ok=True)
+    target, n = os.path.join(target_dir, str(step)), 1
+    while os.path.exists(target):
+      target, n = os.path.join(target_dir, f'{step}-{n}'), n + 1
+    os.replace(source, target)
+    self._manager.reload()
+    return target
 
   def wait(self) -> None:
     """Blocks until background writes are finished."""
@@ -130,8 +208,9 @@ def stored_shapes(directory: str | os.PathLike
   """`(step, {path: shape})` of the latest checkpoint's state in `directory`."""
   manager = _reader(directory)
   try:
-    step = _latest(manager, directory)
-    return step, tree_shapes(manager.item_metadata(step)['state'].tree)
+    return _newest_readable(
+        manager, directory,
+        lambda step: tree_shapes(manager.item_metadata(step)['state'].tree))
   finally:
     manager.close()
 
@@ -155,23 +234,27 @@ def restore_subset(directory: str | os.PathLike, abstract: Any, *,
 
   Raises:
     FileNotFoundError: no checkpoint in `directory`.
+    UnreadableCheckpoints: none can be read (newer unreadable ones are
+      skipped with a warning, and left where they are).
     SubsetMismatch: the stored shapes differ from the wanted ones.
   """
   manager = _reader(directory)
-  try:
-    step = _latest(manager, directory)
+
+  def read(step: int):
     stored = tree_shapes(manager.item_metadata(step)['state'].tree)
     detail = shape_mismatch(stored, tree_shapes(abstract), exact=exact)
     if detail:
       raise SubsetMismatch(step, detail)
-    restored = manager.restore(step, args=ocp.args.Composite(
+    return manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(
             abstract, restore_args=jax.tree.map(
                 lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract),
             partial_restore=True))).state
+
+  try:
+    return _newest_readable(manager, directory, read)
   finally:
     manager.close()
-  return step, restored
 
 
 def _reader(directory) -> ocp.CheckpointManager:
@@ -182,12 +265,6 @@ def _reader(directory) -> ocp.CheckpointManager:
                      'config': ocp.JsonCheckpointHandler()})
 
 
-def _latest(manager: ocp.CheckpointManager, directory) -> int:
-  step = manager.latest_step()
-  if step is None:
-    raise FileNotFoundError(f'No checkpoint in {directory}.')
-  return step
-
-
-__all__ = ['Checkpointer', 'SubsetMismatch', 'restore_subset',
+__all__ = ['ArchitectureMismatch', 'Checkpointer', 'SubsetMismatch',
+           'UNREADABLE', 'UnreadableCheckpoints', 'restore_subset',
            'shape_mismatch', 'stored_shapes', 'tree_shapes']

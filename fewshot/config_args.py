@@ -68,6 +68,22 @@ def data_section(name: str, **options: Any) -> dict[str, Any]:
               data_dir=os.environ.get('FEWSHOT_DATA_DIR'), **options)
 
 
+def train_section(**settings: Any) -> dict[str, Any]:
+  """The `train` section: `fewshot.harness.train`'s settings.
+
+  Configs give `num_steps`, `log_every`, `eval_every` and
+  `checkpoint_every_steps`; the rest default to: a checkpoint at least
+  every 300 s, 2 kept, TensorBoard events beside `metrics.jsonl`, and a
+  stop at the first non-finite loss or gradient (`nonfinite='skip'` drops
+  such updates instead, failing after `max_consecutive_nonfinite` in a row).
+  """
+  section = dict(checkpoint_every_secs=300, max_checkpoints=2,
+                 tensorboard=True, nonfinite='stop',
+                 max_consecutive_nonfinite=20)
+  section.update(settings)
+  return section
+
+
 def eval_section(**overrides: Any) -> dict[str, Any]:
   """The `eval` section: seeded few-shot episodes of the val and test classes.
 

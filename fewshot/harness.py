@@ -11,12 +11,14 @@ test at the end. It never asks which objective it runs.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
 from typing import Any, Callable
 
 from absl import logging
+import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -70,6 +72,68 @@ def _log_line(step: int, split: str, result: dict[str, Any]) -> str:
   return f'step {step}: {split} {shown}'
 
 
+def _duration(seconds: float) -> str:
+  """`'1h02m'`, `'4m10s'` or `'12s'`."""
+  seconds = int(round(seconds))
+  if seconds >= 3600:
+    return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m'
+  if seconds >= 60:
+    return f'{seconds // 60}m{seconds % 60:02d}s'
+  return f'{seconds}s'
+
+
+class NonFiniteError(FloatingPointError):
+  """Training met a non-finite loss or gradient and stopped (see `train`)."""
+
+
+@flax.struct.dataclass
+class _Interval:
+  """The steps since the last log line, summed on the device (no host sync).
+
+  `sums` adds the metrics of finite steps only; `first_bad` is the first
+  non-finite step (-1: none) and `bad_metrics` its metrics; `run` counts
+  the non-finite steps in a row up to the last one, `longest_run` the most.
+  """
+  sums: Any
+  finite_steps: jax.Array
+  bad_steps: jax.Array
+  first_bad: jax.Array
+  bad_metrics: Any
+  run: jax.Array
+  longest_run: jax.Array
+
+  @classmethod
+  def start(cls, metrics_shape: Any, run: Any = 0) -> '_Interval':
+    """An empty interval; `run` non-finite steps in a row came before."""
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), metrics_shape)
+    zero = jnp.zeros((), jnp.int32)
+    run = jnp.asarray(run, jnp.int32)
+    return cls(zeros, zero, zero, zero - 1, zeros, run, run)
+
+
+@jax.jit
+def _accumulate(interval: _Interval, metrics: Any, step: jax.Array
+                ) -> _Interval:
+  bad = metrics['nonfinite'] > 0
+  first = bad & (interval.first_bad < 0)
+  run = jnp.where(bad, interval.run + 1, 0)
+  return _Interval(
+      sums=jax.tree.map(lambda a, m: a + jnp.where(bad, 0, m),
+                        interval.sums, metrics),
+      finite_steps=interval.finite_steps + jnp.where(bad, 0, 1),
+      bad_steps=interval.bad_steps + jnp.where(bad, 1, 0),
+      first_bad=jnp.where(first, step, interval.first_bad),
+      bad_metrics=jax.tree.map(lambda a, m: jnp.where(first, m, a),
+                               interval.bad_metrics, metrics),
+      run=run, longest_run=jnp.maximum(interval.longest_run, run))
+
+
+def _nonfinite_names(metrics: dict[str, float]) -> str:
+  bad = [f'{k} {metrics[k]}' for k in sorted(metrics, key=lambda k: (
+      k != 'loss', k)) if k != 'nonfinite' and not np.isfinite(metrics[k])]
+  return ', '.join(bad) or 'a non-finite value'
+
+
 def run_training_loop(train_step: Callable[[TrainState, Any],
                                             tuple[TrainState, Any]],
                       state: TrainState, train_data: Any, *,
@@ -78,18 +142,33 @@ def run_training_loop(train_step: Callable[[TrainState, Any],
                       log: workdir_lib.MetricsLog,
                       validate: Callable[[TrainState, int], Any],
                       items_per_step: int, items: str,
+                      first_metrics: Any = None,
                       ) -> tuple[TrainState, str | None]:
   """Steps `state` to `settings.num_steps`, logging, validating and saving.
 
   `train_step(state, train_data) -> (state, metrics)` is a jitted step that
   may donate `state` (do not use the `state` passed in afterwards);
-  `metrics` are scalars, averaged over the steps since the last log line
-  (every `log_every` steps) and written to `log` as `train_<name>` with the
-  rate `<items>_per_second` (`items_per_step` per step). `validate(state,
-  step)` runs every `eval_every` steps, except after the last (the caller
-  validates the final state) or once a signal came. A checkpoint is written
-  every `checkpoint_every_steps` steps or `checkpoint_every_secs` seconds
-  and at the last step.
+  `metrics` are scalars with `nonfinite` (see `make_train_step`), averaged
+  over the finite steps since the last log line (every `log_every` steps)
+  and written to `log` as `train_<name>` with the rate
+  `<items>_per_second` (`items_per_step` per step) and the estimated time
+  left. `validate(state, step)` runs every `eval_every` steps, except after
+  the last (the caller validates the final state) or once a signal came. A
+  checkpoint is written every `checkpoint_every_steps` steps or
+  `checkpoint_every_secs` seconds and at the last step. A caller that ran
+  the step producing `state` itself (to time its compilation) passes its
+  metrics as `first_metrics`: it is logged, validated and saved as the
+  loop's own (its time is not in the rate).
+
+  Non-finite steps (`settings.nonfinite`): with 'stop' (the default) the
+  loop raises `NonFiniteError` naming the first such step and its
+  non-finite metrics at the next log line, validation or checkpoint, before
+  anything is validated or saved; the newest checkpoint is the last good
+  state. With 'skip' (the step must then have been built with
+  `skip_nonfinite=True`) such updates are dropped and counted in the log
+  (`train_nonfinite_steps`); more than `max_consecutive_nonfinite` in a row
+  raise `NonFiniteError`. Either way the check reads only what the log line,
+  validation or checkpoint reads anyway: no extra host sync per step.
 
   SIGTERM or SIGINT stops the loop after the current step with a checkpoint
   (see `StopSignals`; single-process runs only); the signal then goes to
@@ -100,40 +179,96 @@ def run_training_loop(train_step: Callable[[TrainState, Any],
     `(state, stopped_by)`: the last state, and the name of the signal that
     stopped the loop if its previous handler returned, else None. The
     checkpointer's writes are finished; it is closed after a signal.
+
+  Raises:
+    NonFiniteError: see above (the checkpointer's writes are finished).
   """
-  step = int(state.step)
+  step = int(state.step) - (first_metrics is not None)
   num_steps = settings.num_steps
+  policy = getattr(settings, 'nonfinite', 'stop')
+  if policy not in ('stop', 'skip'):
+    raise ValueError(f"train.nonfinite must be 'stop' or 'skip', got "
+                     f'{policy!r}.')
+  max_run = getattr(settings, 'max_consecutive_nonfinite', 20)
   last_save_time = time.time()
-  interval_start, interval_steps, metrics_sum = time.time(), 0, None
+  interval_start, interval_steps, interval = time.time(), 0, None
+  metrics_shape, run = None, 0  # run: non-finite steps in a row so far
+  train_seconds, trained_steps = 0.0, 0  # for the time left
+
+  def check(interval: _Interval | None) -> None:
+    """Raises NonFiniteError if the interval's non-finite steps say so."""
+    if interval is None:
+      return
+    first_bad, longest = map(int, jax.device_get(
+        (interval.first_bad, interval.longest_run)))
+    if first_bad < 0 or (policy == 'skip' and longest <= max_run):
+      return
+    bad = {k: float(v) for k, v in
+           jax.device_get(interval.bad_metrics).items()}
+    log.write(first_bad + 1, **{f'train_{k}': v for k, v in bad.items()})
+    checkpointer.wait()
+    latest = checkpointer.latest_step()
+    kept = (f'the newest checkpoint (step {latest}) is the last one saved'
+            if latest is not None else 'no checkpoint had been saved yet')
+    if policy == 'stop':
+      raise NonFiniteError(
+          f'Training step {first_bad + 1} gave {_nonfinite_names(bad)}; '
+          f'stopped before saving or validating that state ({kept}). Lower '
+          "the learning rate, or set --config.train.nonfinite=skip to drop "
+          'such updates.')
+    raise NonFiniteError(
+        f'{longest} training steps in a row were non-finite (more than '
+        f'train.max_consecutive_nonfinite={max_run}), from step '
+        f'{first_bad + 1} with {_nonfinite_names(bad)}; stopped ({kept}).')
+
   with StopSignals(enabled=jax.process_count() == 1) as stop:
     while step < num_steps:
-      state, metrics = train_step(state, train_data)
+      if first_metrics is None:
+        state, metrics = train_step(state, train_data)
+        interval_steps += 1
+      else:  # the caller's step: untimed
+        metrics, first_metrics = first_metrics, None
+        interval_start = time.time()
+      if interval is None:
+        metrics_shape = metrics_shape or jax.eval_shape(lambda: metrics)
+        interval = _Interval.start(metrics_shape, run)
+      interval = _accumulate(interval, metrics, jnp.asarray(step, jnp.int32))
       step += 1
-      interval_steps += 1
-      metrics_sum = metrics if metrics_sum is None else jax.tree.map(
-          jnp.add, metrics_sum, metrics)
       if step % settings.log_every == 0 or step == num_steps:
-        means = {k: float(v) / interval_steps
-                 for k, v in jax.device_get(metrics_sum).items()}
-        rate = interval_steps * items_per_step / (time.time() - interval_start)
-        logging.info('%s, %.1f %s/s', _log_line(step, 'train', means), rate,
-                     items)
+        check(interval)
+        sums, finite_steps, bad_steps = jax.device_get(
+            (interval.sums, interval.finite_steps, interval.bad_steps))
+        means = {k: float(v) / finite_steps if finite_steps else float('nan')
+                 for k, v in sums.items() if k != 'nonfinite'}
+        seconds = time.time() - interval_start
+        train_seconds += seconds
+        trained_steps += interval_steps
+        rate = interval_steps * items_per_step / max(seconds, 1e-9)
+        left = (num_steps - step) * train_seconds / max(trained_steps, 1)
+        skipped = {'nonfinite_steps': float(bad_steps)} if (
+            policy == 'skip') else {}
+        logging.info('%s, %.1f %s/s, %s left%s',
+                     _log_line(step, 'train', means), rate, items,
+                     _duration(left),
+                     f', {int(bad_steps)} non-finite steps skipped'
+                     if bad_steps else '')
         log.write(step, **{f'{items}_per_second': rate},
-                  **{f'train_{k}': v for k, v in means.items()})
-        interval_start, interval_steps, metrics_sum = time.time(), 0, None
+                  **{f'train_{k}': v for k, v in {**means, **skipped}.items()})
+        run = interval.run
+        interval_start, interval_steps, interval = time.time(), 0, None
       if (step % settings.eval_every == 0 and step < num_steps
           and stop.received is None):
+        check(interval)
         validate(state, step)
         interval_start = time.time()  # validation time is not training time
       due = (step % settings.checkpoint_every_steps == 0 or
              time.time() - last_save_time > settings.checkpoint_every_secs)
       saved = due or step == num_steps
-      if saved:
+      if saved or stop.received is not None:
+        check(interval)
         checkpointer.save(step, state, config_dict)
         last_save_time = time.time()
       if stop.received is not None:
-        if not saved:
-          checkpointer.save(step, state, config_dict)
         logging.warning('Stopped at step %d with a checkpoint; run the same '
                         'command again to resume.', step)
         break
@@ -147,40 +282,147 @@ def run_training_loop(train_step: Callable[[TrainState, Any],
   return state, None
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> dict[str, Any]:
+# Config fields a resume may change: they say what is logged, saved or
+# evaluated and where the data are read from, not what is trained.
+# (`train.num_steps` too, unless the learning-rate schedule or the
+# objective depends on it: see `_drift`.)
+_FREE_TO_CHANGE = ('train.log_every', 'train.eval_every',
+                   'train.checkpoint_every_steps',
+                   'train.checkpoint_every_secs', 'train.max_checkpoints',
+                   'train.tensorboard', 'train.nonfinite',
+                   'train.max_consecutive_nonfinite', 'eval.',
+                   'data.manual_dir', 'data.data_dir', 'data.tokenizer_path')
+CONFIG_CHANGES = 'config_changes.jsonl'
+
+
+def _flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
+  if isinstance(tree, dict):
+    flat = {}
+    for key, value in tree.items():
+      flat.update(_flatten(value, f'{prefix}{key}.'))
+    return flat or {prefix[:-1]: {}}
+  return {prefix[:-1]: tree}
+
+
+def _drift(stored: dict[str, Any], new: dict[str, Any]
+           ) -> tuple[dict[str, tuple[Any, Any]], dict[str, tuple[Any, Any]]]:
+  """`(computational, free)` changes `{field: (stored, new)}` between two
+  configs (as JSON would write them)."""
+  old_flat, new_flat = _flatten(stored), _flatten(json.loads(json.dumps(new)))
+  missing = object()
+  changes = {k: (old_flat.get(k, missing), new_flat.get(k, missing))
+             for k in sorted(set(old_flat) | set(new_flat))
+             if old_flat.get(k, missing) != new_flat.get(k, missing)}
+  changes = {k: tuple(None if v is missing else v for v in pair)
+             for k, pair in changes.items()}
+  steps_matter = (new_flat.get('optimizer.schedule') == 'cosine' or
+                  new_flat.get('objective.name') == 'adaptation')
+  free = {k: v for k, v in changes.items()
+          if k.startswith(_FREE_TO_CHANGE) or
+          (k == 'train.num_steps' and not steps_matter)}
+  return {k: v for k, v in changes.items() if k not in free}, free
+
+
+def check_config_drift(workdir: str, config_dict: dict[str, Any], *,
+                       allow_change: bool = False) -> dict[str, Any]:
+  """The changes from `workdir`'s config.json to `config_dict`, checked.
+
+  Only a workdir with checkpoints has a config to keep to (a run that
+  never saved one trained nothing). Fields that change the computation
+  raise unless `allow_change`; logging, evaluation and data-path fields
+  (`_FREE_TO_CHANGE`) may always change.
+
+  Returns:
+    `{field: [stored, new]}` of every change (empty for a new workdir).
+
+  Raises:
+    ValueError: a computational change without `allow_change`; the message
+      lists the fields with both values.
+  """
+  path = os.path.join(workdir, workdir_lib.CONFIG)
+  if not (workdir_lib.has_checkpoints(workdir) and os.path.exists(path)):
+    return {}
+  with open(path) as f:
+    stored = json.load(f)
+  computational, free = _drift(stored, config_dict)
+  if computational and not allow_change:
+    listed = '\n'.join(f'  {k}: {old!r} in the workdir, {new!r} now'
+                        for k, (old, new) in computational.items())
+    raise ValueError(
+        f'{workdir} was trained with another config; resuming it with this '
+        f'one would change the computation in {len(computational)} '
+        f'field(s):\n{listed}\nUse a new --workdir, or pass '
+        '--allow_config_change to resume with the new values (the change is '
+        f'recorded in {CONFIG_CHANGES}).')
+  return {k: list(v) for k, v in {**computational, **free}.items()}
+
+
+def _record_config(workdir: str, config_dict: dict[str, Any],
+                   changes: dict[str, Any], step: int) -> None:
+  """config.json becomes the config of this (re)start; a resume that
+  changed it appends `{step, time, changes}` to config_changes.jsonl."""
+  if changes:
+    with open(os.path.join(workdir, CONFIG_CHANGES), 'a') as f:
+      f.write(json.dumps({'step': step, 'time': time.time(),
+                          'changes': changes}) + '\n')
+  path = os.path.join(workdir, workdir_lib.CONFIG)
+  if changes or not os.path.exists(path) or not workdir_lib.has_checkpoints(
+      workdir):
+    workdir_lib.write_json_atomic(path, dict(config_dict))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       allow_config_change: bool = False) -> dict[str, Any]:
   """Trains the configured objective, resuming from `workdir`'s checkpoints.
 
   Builds the experiment (`fewshot.builder.build`; a run that resumes does
   not read `backbone.weights` again) and runs `train` with the config's
   `train` settings and `eval.test_at_end`; the config is saved beside the
-  checkpoints.
+  checkpoints. Resuming with a config that changes the computation is an
+  error unless `allow_config_change` (see `check_config_drift`); it is
+  checked before anything is built.
   """
   if 'objective' not in config:
     raise ValueError('The config has no objective section, so there is '
                      'nothing to train: evaluate it with experiments/'
                      'evaluate.py, or add objective=dict(name=...).')
+  check_config_drift(workdir, config.to_dict(),
+                     allow_change=allow_config_change)
   experiment = builder.build(
       config, pretrained=not workdir_lib.has_checkpoints(workdir))
   return train(experiment, workdir, settings=config.train,
                config_dict=config.to_dict(),
-               test_at_end=config.eval.test_at_end)
+               test_at_end=config.eval.test_at_end,
+               allow_config_change=allow_config_change)
+
+
+def _parameter_count(tree: Any) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
 def train(experiment: Experiment, workdir: str, *, settings: Any,
-          config_dict: dict[str, Any], test_at_end: bool = True
-          ) -> dict[str, Any]:
-  """Trains `experiment.objective`, resuming from `workdir` if it has checkpoints.
+          config_dict: dict[str, Any], test_at_end: bool = True,
+          allow_config_change: bool = False) -> dict[str, Any]:
+  """Trains `experiment.objective`, resuming from `workdir`'s checkpoints.
 
   Args:
     experiment: what to train and how to evaluate it (`fewshot.builder`).
-    workdir: checkpoints, `config.json` and `metrics.jsonl` go here.
+    workdir: checkpoints, `config.json`, `metrics.jsonl` (and TensorBoard
+      events under `tensorboard/`) go here.
     settings: `num_steps`, `log_every`, `eval_every`,
-      `checkpoint_every_steps`, `checkpoint_every_secs`, `max_checkpoints`
+      `checkpoint_every_steps`, `checkpoint_every_secs`, `max_checkpoints`,
+      and optionally `nonfinite` ('stop' or 'skip', see
+      `run_training_loop`), `max_consecutive_nonfinite` and `tensorboard`
       (attributes, e.g. a config's `train` section).
-    config_dict: what `config.json` and each checkpoint record.
+    config_dict: what `config.json` and each checkpoint record; resuming
+      with one that changes the computation raises unless
+      `allow_config_change` (`check_config_drift`).
     test_at_end: run `experiment.evaluators['test']` on the final state.
 
+  Resuming reads the newest readable checkpoint: newer ones whose files are
+  truncated or corrupt are moved to `checkpoints/unreadable/` with a
+  warning. Until the first step has run, nothing in `workdir` is written
+  (a run that fails to start leaves an existing workdir as it was).
   SIGTERM or SIGINT (Ctrl-C) during training saves a checkpoint of the
   last completed step before the process stops (see `StopSignals`; single
   process runs only); running the same command again resumes from it.
@@ -190,31 +432,57 @@ def train(experiment: Experiment, workdir: str, *, settings: Any,
     final state; or `{'step', 'stopped_by'}` (the signal's name) if a
     signal stopped training and its previous handler did not end the
     process.
+
+  Raises:
+    NonFiniteError: a non-finite loss or gradient (see `run_training_loop`).
   """
+  changes = check_config_drift(workdir, config_dict,
+                               allow_change=allow_config_change)
   mesh = task_mesh()
   replicated = NamedSharding(mesh, PartitionSpec())
   state = init_state(experiment.objective, experiment.optimizer,
                      experiment.train_data, experiment.seed)
   batch_size = _batch_size(experiment, state, mesh.size)
-  if 'parameters' in experiment.info:
-    logging.info('%s: %s', experiment.info.get('backbone'),
-                 experiment.info['parameters'])
+  skip_nonfinite = getattr(settings, 'nonfinite', 'stop') == 'skip'
+  devices = jax.devices()
+  logging.info('%d parameters (%d in the model state) on %d %s device(s) '
+               '(%s)%s.', _parameter_count(state.params),
+               _parameter_count(state.model_state), len(devices),
+               devices[0].platform, devices[0].device_kind,
+               f"; {experiment.info['parameters']}"
+               if 'parameters' in experiment.info else '')
 
-  os.makedirs(workdir, exist_ok=True)
-  workdir_lib.write_config_once(workdir, config_dict)
-  checkpointer = Checkpointer(workdir_lib.checkpoint_dir(workdir),
-                              max_to_keep=settings.max_checkpoints)
-  if checkpointer.latest_step() is not None:
+  if workdir_lib.has_checkpoints(workdir):
+    checkpointer = Checkpointer(workdir_lib.checkpoint_dir(workdir),
+                                max_to_keep=settings.max_checkpoints)
     state, _ = checkpointer.restore(jax.eval_shape(lambda: state))
     logging.info('Resumed from step %d in %s.', int(state.step), workdir)
+  else:
+    checkpointer = None  # created with the first write
   state = jax.device_put(state, replicated)
   train_data = jax.device_put(experiment.train_data, replicated)
   batch_sharding = (NamedSharding(mesh, PartitionSpec('data'))
                     if mesh.size > 1 else None)
   train_step = jax.jit(make_train_step(experiment.objective,
-                                       experiment.optimizer, batch_sharding),
+                                       experiment.optimizer, batch_sharding,
+                                       skip_nonfinite=skip_nonfinite),
                        donate_argnums=0)
-  log = workdir_lib.MetricsLog(workdir)
+  first_metrics, start_step = None, int(state.step)
+  if start_step < settings.num_steps:
+    start = time.time()
+    state, first_metrics = train_step(state, train_data)
+    jax.block_until_ready(first_metrics)
+    logging.info('Compiled the train step and ran step %d in %.1f s.',
+                 int(state.step), time.time() - start)
+
+  # The first step ran: from here on the run writes to its workdir.
+  os.makedirs(workdir, exist_ok=True)
+  _record_config(workdir, config_dict, changes, start_step)
+  if checkpointer is None:
+    checkpointer = Checkpointer(workdir_lib.checkpoint_dir(workdir),
+                                max_to_keep=settings.max_checkpoints)
+  log = workdir_lib.MetricsLog(workdir, tensorboard=getattr(
+      settings, 'tensorboard', False))
 
   def report(split: str, evaluate, state: TrainState,
              step: int) -> dict[str, Any]:
@@ -223,25 +491,31 @@ def train(experiment: Experiment, workdir: str, *, settings: Any,
     log.write(step, **{f'{split}_{k}': v for k, v in result.items()
                        if isinstance(v, (int, float))
                        and not isinstance(v, bool)})
+    log.flush()
     return result
 
-  state, stopped_by = run_training_loop(
-      train_step, state, train_data, settings=settings,
-      checkpointer=checkpointer, config_dict=config_dict, log=log,
-      validate=lambda state, step: report('val', experiment.validate, state,
-                                          step),
-      items_per_step=batch_size, items=experiment.objective.unit)
-  step = int(state.step)
-  if stopped_by is not None:  # a previous handler that did not stop us
-    return {'step': step, 'stopped_by': stopped_by}
-  results = {'step': step, 'val': report('val', experiment.validate, state,
-                                         step)}
-  if test_at_end:
-    results['test'] = report('test', experiment.evaluators['test'], state,
-                             step)
-  checkpointer.wait()
-  checkpointer.close()
-  return results
+  try:
+    state, stopped_by = run_training_loop(
+        train_step, state, train_data, settings=settings,
+        checkpointer=checkpointer, config_dict=config_dict, log=log,
+        validate=lambda state, step: report('val', experiment.validate,
+                                            state, step),
+        items_per_step=batch_size, items=experiment.objective.unit,
+        first_metrics=first_metrics)
+    step = int(state.step)
+    if stopped_by is not None:  # a previous handler that did not stop us
+      return {'step': step, 'stopped_by': stopped_by}
+    results = {'step': step, 'val': report('val', experiment.validate,
+                                           state, step)}
+    if test_at_end:
+      results['test'] = report('test', experiment.evaluators['test'], state,
+                               step)
+    checkpointer.wait()
+    checkpointer.close()
+    return results
+  finally:
+    log.close()
 
 
-__all__ = ['run_training_loop', 'task_mesh', 'train', 'train_and_evaluate']
+__all__ = ['CONFIG_CHANGES', 'NonFiniteError', 'check_config_drift',
+           'run_training_loop', 'task_mesh', 'train', 'train_and_evaluate']

@@ -160,7 +160,9 @@ def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def restore_state(workdir: str | os.PathLike, state: Any) -> Any:
-  """The latest checkpoint of `workdir`, restored into the structure of `state`.
+  """The newest readable checkpoint of `workdir`, restored into the
+  structure of `state` (newer, unreadable ones are skipped with a warning
+  and left where they are).
 
   Raises:
     FileNotFoundError: `workdir` has no checkpoints.
@@ -171,7 +173,8 @@ def restore_state(workdir: str | os.PathLike, state: Any) -> Any:
                             f'experiments/train.py --workdir {workdir}.')
   checkpointer = Checkpointer(checkpoint_dir(workdir))
   try:
-    restored, _ = checkpointer.restore(jax.eval_shape(lambda: state))
+    restored, _ = checkpointer.restore(jax.eval_shape(lambda: state),
+                                       move_unreadable=False)
   finally:
     checkpointer.close()
   return restored

@@ -23,7 +23,8 @@ An objective is what a training run needs from a method, as pure functions:
   multi-task objective); by default the one leading axis all leaves share.
 
 `make_train_step` turns any objective and an optax optimizer into one
-jittable step; the harness (`fewshot.harness`) runs it.
+jittable step, which reports whether it was finite; the harness
+(`fewshot.harness`) runs it.
 """
 
 from __future__ import annotations
@@ -96,14 +97,23 @@ def init_state(objective: Objective, optimizer: optax.GradientTransformation,
 
 def make_train_step(objective: Objective,
                     optimizer: optax.GradientTransformation,
-                    batch_sharding: NamedSharding | None = None
+                    batch_sharding: NamedSharding | None = None, *,
+                    skip_nonfinite: bool = False
                     ) -> Callable[[TrainState, DeviceData],
                                   tuple[TrainState, Metrics]]:
   """Builds `train_step(state, data) -> (state, metrics)`; jit it once.
 
   The step samples its batch on the device, constrains it to
   `batch_sharding` (the batch axis split over a mesh) if given, takes the
-  gradient, applies `optimizer` and adds `grad_norm` to the metrics.
+  gradient, applies `optimizer` and adds two metrics: `grad_norm`, and
+  `nonfinite` (1 if the loss or the gradient norm is NaN or infinite, else
+  0), computed in the step so that the host reads them with the others.
+
+  With `skip_nonfinite`, a non-finite step leaves the parameters, model
+  state (BatchNorm statistics) and optimizer state as they were (the step
+  counter still advances, so the next step draws the next batch). Unlike
+  `optax.apply_if_finite`, which looks at the gradients only, this also
+  keeps the running statistics of a forward pass that overflowed.
   """
   value_and_grad = objective.value_and_grad or jax.value_and_grad(
       objective.loss, has_aux=True)
@@ -113,12 +123,20 @@ def make_train_step(objective: Objective,
     batch = objective.sample(run_key, state.step, data)
     if batch_sharding is not None:
       batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
-    (_, (metrics, model_state)), grads = value_and_grad(
+    (loss, (metrics, model_state)), grads = value_and_grad(
         state.params, state.model_state, batch,
         jax.random.fold_in(run_key, state.step))
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    if skip_nonfinite:
+      params, model_state, opt_state = jax.tree.map(
+          lambda new, old: jnp.where(finite, new, old),
+          (params, model_state, opt_state),
+          (state.params, state.model_state, state.opt_state))
+    metrics = dict(metrics, grad_norm=grad_norm,
+                   nonfinite=jnp.logical_not(finite).astype(jnp.float32))
     return state.replace(step=state.step + 1, params=params,
                          model_state=model_state,
                          opt_state=opt_state), metrics
