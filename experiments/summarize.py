@@ -16,7 +16,7 @@ from typing import Sequence
 from absl import app
 from absl import flags
 
-from fewshot import plots
+from fewshot import run_tables
 from fewshot.workdir import CONFIG, read_metrics
 
 _FORMAT = flags.DEFINE_enum('format', 'markdown', ['markdown', 'csv'],
@@ -47,11 +47,11 @@ def main(argv: Sequence[str]) -> None:
   names = [name for name, _, _ in runs]
   if len(set(names)) < len(names):  # same basename: name runs by path
     runs = [(w, r, c) for w, (_, r, c) in zip(workdirs, runs)]
-  rows = plots.runs_table(runs)
+  rows = run_tables.runs_table(runs)
   if _FORMAT.value == 'csv':
     csv.writer(sys.stdout).writerows(rows)
   else:
-    print(plots.markdown_table(rows))
+    print(run_tables.markdown_table(rows))
 
 
 if __name__ == '__main__':

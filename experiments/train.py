@@ -19,6 +19,7 @@ from absl import flags
 
 from fewshot import config_flags  # ml_collections', overrides checked
 from fewshot import harness
+from fewshot.checkpoint import ArchitectureMismatch, UnreadableCheckpoints
 from fewshot._utils import quiet_library_logs
 from fewshot.ops import tune_malloc
 
@@ -37,6 +38,12 @@ _DISTRIBUTED = flags.DEFINE_bool(
     'is detected from the environment, e.g. SLURM or Cloud TPU).')
 
 
+# Errors whose message names the problem and the fix: printed without a
+# traceback, exit status 1.
+USER_ERRORS = (harness.NonFiniteError, harness.ConfigDriftError,
+               ArchitectureMismatch, UnreadableCheckpoints, FileNotFoundError)
+
+
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError('Too many command-line arguments.')
@@ -45,9 +52,12 @@ def main(argv: Sequence[str]) -> None:
   if _DISTRIBUTED.value:
     import jax  # pylint: disable=g-import-not-at-top
     jax.distributed.initialize()
-  results = harness.train_and_evaluate(
-      _CONFIG.value, _WORKDIR.value,
-      allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+  try:
+    results = harness.train_and_evaluate(
+        _CONFIG.value, _WORKDIR.value,
+        allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+  except USER_ERRORS as e:  # what the message says is all there is to know
+    sys.exit(f'train.py: {type(e).__name__}: {e}')
   print(json.dumps(results))
   if 'stopped_by' in results:  # stopped by a signal, checkpoint saved
     sys.exit(128 + signal.Signals[results['stopped_by']].value)

@@ -30,6 +30,8 @@ from fewshot import workdir as workdir_lib
 from fewshot.checkpoint import Checkpointer
 from fewshot.experiment import Experiment
 from fewshot.objectives.base import TrainState, init_state, make_train_step
+from fewshot.progress import format_duration
+from fewshot.records import flatten_config
 from fewshot.signals import StopSignals
 
 
@@ -72,18 +74,12 @@ def _log_line(step: int, split: str, result: dict[str, Any]) -> str:
   return f'step {step}: {split} {shown}'
 
 
-def _duration(seconds: float) -> str:
-  """`'1h02m'`, `'4m10s'` or `'12s'`."""
-  seconds = int(round(seconds))
-  if seconds >= 3600:
-    return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m'
-  if seconds >= 60:
-    return f'{seconds // 60}m{seconds % 60:02d}s'
-  return f'{seconds}s'
-
-
 class NonFiniteError(FloatingPointError):
   """Training met a non-finite loss or gradient and stopped (see `train`)."""
+
+
+class ConfigDriftError(ValueError):
+  """A workdir was trained with a config that computes something else."""
 
 
 @flax.struct.dataclass
@@ -249,7 +245,7 @@ def run_training_loop(train_step: Callable[[TrainState, Any],
             policy == 'skip') else {}
         logging.info('%s, %.1f %s/s, %s left%s',
                      _log_line(step, 'train', means), rate, items,
-                     _duration(left),
+                     format_duration(left),
                      f', {int(bad_steps)} non-finite steps skipped'
                      if bad_steps else '')
         log.write(step, **{f'{items}_per_second': rate},
@@ -295,20 +291,12 @@ _FREE_TO_CHANGE = ('train.log_every', 'train.eval_every',
 CONFIG_CHANGES = 'config_changes.jsonl'
 
 
-def _flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
-  if isinstance(tree, dict):
-    flat = {}
-    for key, value in tree.items():
-      flat.update(_flatten(value, f'{prefix}{key}.'))
-    return flat or {prefix[:-1]: {}}
-  return {prefix[:-1]: tree}
-
-
 def _drift(stored: dict[str, Any], new: dict[str, Any]
            ) -> tuple[dict[str, tuple[Any, Any]], dict[str, tuple[Any, Any]]]:
   """`(computational, free)` changes `{field: (stored, new)}` between two
   configs (as JSON would write them)."""
-  old_flat, new_flat = _flatten(stored), _flatten(json.loads(json.dumps(new)))
+  old_flat = flatten_config(stored)
+  new_flat = flatten_config(json.loads(json.dumps(new)))
   missing = object()
   changes = {k: (old_flat.get(k, missing), new_flat.get(k, missing))
              for k in sorted(set(old_flat) | set(new_flat))
@@ -336,8 +324,8 @@ def check_config_drift(workdir: str, config_dict: dict[str, Any], *,
     `{field: [stored, new]}` of every change (empty for a new workdir).
 
   Raises:
-    ValueError: a computational change without `allow_change`; the message
-      lists the fields with both values.
+    ConfigDriftError (a ValueError): a computational change without
+      `allow_change`; the message lists the fields with both values.
   """
   path = os.path.join(workdir, workdir_lib.CONFIG)
   if not (workdir_lib.has_checkpoints(workdir) and os.path.exists(path)):
@@ -348,7 +336,7 @@ def check_config_drift(workdir: str, config_dict: dict[str, Any], *,
   if computational and not allow_change:
     listed = '\n'.join(f'  {k}: {old!r} in the workdir, {new!r} now'
                         for k, (old, new) in computational.items())
-    raise ValueError(
+    raise ConfigDriftError(
         f'{workdir} was trained with another config; resuming it with this '
         f'one would change the computation in {len(computational)} '
         f'field(s):\n{listed}\nUse a new --workdir, or pass '
@@ -517,5 +505,5 @@ def train(experiment: Experiment, workdir: str, *, settings: Any,
     log.close()
 
 
-__all__ = ['CONFIG_CHANGES', 'NonFiniteError', 'check_config_drift',
+__all__ = ['CONFIG_CHANGES', 'ConfigDriftError', 'NonFiniteError', 'check_config_drift',
            'run_training_loop', 'task_mesh', 'train', 'train_and_evaluate']

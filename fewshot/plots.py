@@ -1,9 +1,9 @@
-"""Learning curves, accuracy histograms and run tables of finished runs.
+"""Learning curves and accuracy histograms of finished runs.
 
 Everything here takes what a workdir holds, already read: the records of
 `fewshot.workdir.read_metrics` (one dict per log line, `step`, `time` and
-`train_<metric>`, `val_<metric>`, `test_<metric>` scalars) and its
-`config.json` as a dict. The drawing functions return a matplotlib
+`train_<metric>`, `val_<metric>`, `test_<metric>` scalars; see
+`fewshot.records`). The drawing functions return a matplotlib
 `Figure` (object-oriented API, no pyplot state; `figure.savefig(path)`
 needs no display); matplotlib is imported only when one is called.
 
@@ -17,14 +17,13 @@ style per name.
 
 from __future__ import annotations
 
-import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
+from fewshot.records import Record, ci_key, metric_series, named_keys
 from fewshot.stats import mean_confidence_interval
 
-Record = Mapping[str, Any]
 Run = tuple[str, Sequence[Record]]  # (label, records)
 
 # (split, metric, panel title); a panel is drawn where some run logs it.
@@ -46,59 +45,6 @@ def _matplotlib():
     raise ImportError('Plots need matplotlib: pip install matplotlib (or '
                       "pip install -e '.[plots]').") from e
   return Figure, Line2D, ticker
-
-
-def _is_number(value: Any) -> bool:
-  return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def metric_series(records: Sequence[Record], key: str
-                  ) -> tuple[np.ndarray, np.ndarray]:
-  """`(steps, values)` of `key`, by step, non-finite values kept.
-
-  A resumed run repeats the steps after its last checkpoint: the value
-  logged last at a step is the one kept.
-  """
-  by_step = {}
-  for record in records:
-    if _is_number(record.get(key)):
-      by_step[int(record['step'])] = float(record[key])
-  steps = sorted(by_step)
-  return (np.asarray(steps, dtype=np.int64),
-          np.asarray([by_step[s] for s in steps], dtype=np.float64))
-
-
-def final_value(records: Sequence[Record], key: str) -> float | None:
-  """`key`'s value at the last step that logged it (None if never)."""
-  _, values = metric_series(records, key)
-  return float(values[-1]) if values.size else None
-
-
-def ci_key(key: str, keys: Sequence[str] | set[str]) -> str | None:
-  """The 95% CI key logged beside `key`, if any.
-
-  `val_accuracy` -> `val_ci95`, `val_<name>_accuracy` -> `val_<name>_ci95`,
-  any other `val_<m>` -> `val_<m>_ci95`.
-  """
-  for candidate in (f'{key}_ci95', key[:-len('accuracy')] + 'ci95'
-                    if key.endswith('accuracy') else None):
-    if candidate in keys and candidate != key:
-      return candidate
-  return None
-
-
-def named_keys(records: Sequence[Record], split: str, metric: str
-               ) -> dict[str, str]:
-  """`{name: key}` of `split`'s `metric`: `''` for `<split>_<metric>`, else
-  `name` for `<split>_<name>_<metric>`, sorted by name."""
-  keys = {k for r in records for k, v in r.items() if _is_number(v)}
-  found = {}
-  for key in keys:
-    if key == f'{split}_{metric}':
-      found[''] = key
-    elif key.startswith(f'{split}_') and key.endswith(f'_{metric}'):
-      found[key[len(split) + 1:-len(metric) - 1]] = key
-  return dict(sorted(found.items()))
 
 
 def _finite(steps, *arrays):
@@ -238,128 +184,4 @@ def accuracy_histogram(accuracies: Any, *, ci95: float | None = None,
   return figure
 
 
-# Runs table --------------------------------------------------------------
-
-
-def _flatten(config: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
-  flat = {}
-  for key, value in config.items():
-    if isinstance(value, Mapping):
-      flat.update(_flatten(value, f'{prefix}{key}.'))
-    else:
-      flat[f'{prefix}{key}'] = value
-  return flat
-
-
-def config_differences(configs: Sequence[Mapping[str, Any]]
-                       ) -> dict[str, list[Any]]:
-  """`{dotted key: [value per config]}` of the keys whose values differ
-  (a key missing from a config differs, its value None), sorted."""
-  flat = [_flatten(c) for c in configs]
-  keys = sorted(set().union(*flat)) if flat else []
-  missing = object()
-  differing = {}
-  for key in keys:
-    values = [f.get(key, missing) for f in flat]
-    if any(v != values[0] for v in values[1:]):
-      differing[key] = [None if v is missing else v for v in values]
-  return differing
-
-
-def _metric_keys(records: Sequence[Record], split: str) -> list[str]:
-  """`split`'s metrics worth a column: those with a CI, and accuracies."""
-  keys = {k for r in records for k, v in r.items() if _is_number(v)}
-  found = set()
-  for key in keys:
-    if not key.startswith(f'{split}_') or key.endswith('ci95'):
-      continue
-    if key.endswith('accuracy') or ci_key(key, keys):
-      found.add(key)
-  return sorted(found, key=lambda k: (k != f'{split}_accuracy', k))
-
-
-def _column_name(key: str) -> str:
-  split, _, rest = key.partition('_')
-  if rest == 'accuracy':
-    return f'{split} accuracy (%)'
-  if rest.endswith('_accuracy'):
-    return f'{split} {rest[:-len("_accuracy")]} (%)'
-  name, _, metric = rest.rpartition('_')
-  return f'{split} {name} {metric}' if name else f'{split} {metric}'
-
-
-def _format_metric(key: str, mean: float | None, ci: float | None) -> str:
-  if mean is None:
-    return '—'
-  if not math.isfinite(mean):
-    return 'NaN' if math.isnan(mean) else f'{mean}'
-  scale, digits = (100.0, 2) if key.endswith('accuracy') else (1.0, 4)
-  text = f'{scale * mean:.{digits}f}'
-  if ci is not None:
-    text += f' ± {scale * ci:.{digits}f}'
-  return text
-
-
-def format_duration(seconds: float) -> str:
-  """`'42 s'`, `'12.5 min'` or `'3.2 h'`."""
-  if seconds < 120:
-    return f'{seconds:.0f} s'
-  if seconds < 2 * 3600:
-    return f'{seconds / 60:.1f} min'
-  return f'{seconds / 3600:.1f} h'
-
-
-def _cell(value: Any) -> str:
-  if value is None:
-    return '—'
-  if isinstance(value, (list, tuple)):
-    return '(' + ', '.join(_cell(v) for v in value) + ')'
-  return str(value).replace('|', '\\|')
-
-
-def runs_table(runs: Sequence[tuple[str, Sequence[Record],
-                                    Mapping[str, Any]]]) -> list[list[str]]:
-  """The rows (header first) of a table of `(name, records, config)` runs.
-
-  Columns: run, final step, the final validation then test metrics (an
-  accuracy as `mean ± ci95` in %, a metric with a CI as `mean ± ci95`),
-  wall time (first to last record), then one column per config key whose
-  value differs between the runs.
-  """
-  val_keys, test_keys = [], []
-  for _, records, _ in runs:
-    for split, found in (('val', val_keys), ('test', test_keys)):
-      found.extend(k for k in _metric_keys(records, split) if k not in found)
-  for split, found in (('val', val_keys), ('test', test_keys)):
-    found.sort(key=lambda k, s=split: (k != f'{s}_accuracy', k))
-  differing = config_differences([config for _, _, config in runs])
-  header = (['run', 'step'] + [_column_name(k) for k in val_keys + test_keys]
-            + ['wall time'] + list(differing))
-  rows = [header]
-  for i, (name, records, _) in enumerate(runs):
-    keys = {k for r in records for k in r}
-    steps = [int(r['step']) for r in records if 'step' in r]
-    times = [float(r['time']) for r in records if _is_number(r.get('time'))]
-    row = [_cell(name), str(max(steps)) if steps else '—']
-    for key in val_keys + test_keys:
-      band = ci_key(key, keys)
-      row.append(_format_metric(key, final_value(records, key),
-                                final_value(records, band) if band else None))
-    row.append(format_duration(max(times) - min(times)) if times else '—')
-    row.extend(_cell(values[i]) for values in differing.values())
-    rows.append(row)
-  return rows
-
-
-def markdown_table(rows: Sequence[Sequence[str]]) -> str:
-  """`rows` (header first) as a GitHub Markdown table."""
-  header, *body = rows
-  lines = ['| ' + ' | '.join(header) + ' |',
-           '|' + '|'.join('---' for _ in header) + '|']
-  lines += ['| ' + ' | '.join(row) + ' |' for row in body]
-  return '\n'.join(lines)
-
-
-__all__ = ['PANELS', 'accuracy_histogram', 'ci_key', 'config_differences',
-           'curves', 'final_value', 'format_duration', 'markdown_table',
-           'metric_series', 'named_keys', 'runs_table']
+__all__ = ['PANELS', 'accuracy_histogram', 'curves']

@@ -25,7 +25,7 @@ LOWER = ('fewshot.algorithms', 'fewshot.transfer', 'fewshot.backbones',
          'fewshot.stats', 'fewshot.optimizers', 'fewshot.losses',
          'fewshot.features', 'fewshot.objectives', 'fewshot.metric',
          'fewshot.multitask', 'fewshot.adaptation', 'fewshot.distillation',
-         'fewshot.peft')
+         'fewshot.peft', 'fewshot.progress', 'fewshot.records')
 
 
 def _module_name(path: pathlib.Path) -> str:

@@ -1,6 +1,7 @@
 """Learning curves, histograms and run tables (fewshot.plots and its scripts)."""
 
 import math
+import re
 import subprocess
 import sys
 
@@ -10,6 +11,8 @@ import pytest
 from PIL import Image
 
 from fewshot import plots
+from fewshot import records as records_lib
+from fewshot import run_tables
 from fewshot.workdir import MetricsLog, read_metrics, write_json_atomic
 from helpers import REPO
 import layers_test
@@ -77,14 +80,14 @@ def _by_gid(figure):
 
 def test_metric_series_keeps_the_last_value_per_step(tmp_path):
   records = read_metrics(_single(tmp_path))
-  steps, values = plots.metric_series(records, 'train_loss')
+  steps, values = records_lib.metric_series(records, 'train_loss')
   np.testing.assert_array_equal(steps, [5, 10, 15, 20])
   np.testing.assert_allclose(values, [0.4, 0.2, 0.25, 0.2])
-  steps, values = plots.metric_series(records, 'val_ci95')
+  steps, values = records_lib.metric_series(records, 'val_ci95')
   np.testing.assert_array_equal(steps, [10, 20])
   np.testing.assert_allclose(values, [0.05, 0.04])  # Infinity overwritten
-  assert plots.final_value(records, 'val_accuracy') == pytest.approx(0.62)
-  assert plots.final_value(records, 'missing') is None
+  assert records_lib.final_value(records, 'val_accuracy') == pytest.approx(0.62)
+  assert records_lib.final_value(records, 'missing') is None
 
 
 def test_curves_lines_and_band_hold_the_records(tmp_path):
@@ -266,22 +269,22 @@ def test_summarize_prints_one_row_per_run(tmp_path):
   assert rows[0][:4] == ['a', '20', '62.00 ± 4.00', '60.00 ± 3.00']
   assert rows[1][:4] == ['b', '20', '62.00 ± 4.00', '—']  # no test results
   assert [r[5] for r in rows] == ['0.001', '0.003']
-  assert all(r[4].endswith(' s') for r in rows)
+  assert all(re.fullmatch(r'\d+s', r[4]) for r in rows)  # seconds
 
 
 def test_runs_table_of_named_metrics_and_wall_time(tmp_path):
   records = read_metrics(_multitask(tmp_path))
   for i, record in enumerate(records):  # 2.5 hours, first to last
     record['time'] = 1000.0 + 3000.0 * i
-  rows = plots.runs_table([('multi', records, {'seed': 0}),
+  rows = run_tables.runs_table([('multi', records, {'seed': 0}),
                            ('other', records, {'seed': 1, 'extra': [1, 2]})])
   header, first, second = rows
   assert header == ['run', 'step', 'val age mse', 'val digits (%)',
                     'val letters (%)', 'wall time', 'extra', 'seed']
   assert first == ['multi', '20', '0.2000 ± 0.0100', '80.00 ± 2.00',
-                   'NaN', '2.5 h', '—', '0']
+                   'NaN', '2h30m', '—', '0']
   assert second[-2:] == ['(1, 2)', '1']
-  markdown = plots.markdown_table(rows)
+  markdown = run_tables.markdown_table(rows)
   assert markdown.count('\n') == 3
 
 
@@ -305,4 +308,4 @@ def test_plots_module_stays_a_reader():
         seen.add(target)
         frontier.append(target)
   assert 'fewshot.stats' in seen
-  assert math.isfinite(plots.final_value([{'step': 1, 'x': 2.0}], 'x'))
+  assert math.isfinite(records_lib.final_value([{'step': 1, 'x': 2.0}], 'x'))

@@ -344,3 +344,122 @@ def test_metrics_are_mirrored_as_tensorboard_events_and_progress_logged(
   assert 'Compiled the train step and ran step 1 in' in text
   train_lines = [l for l in text.splitlines() if ': train loss' in l]
   assert len(train_lines) == 2 and all(' left' in l for l in train_lines)
+
+
+def test_long_evaluations_log_progress_and_time_left(monkeypatch, caplog):
+  from fewshot import progress  # pylint: disable=g-import-not-at-top
+  from fewshot.algorithms import protonet  # pylint: disable=g-import-not-at-top
+  from fewshot.backbones.base import identity_backbone  # pylint: disable=g-import-not-at-top
+  from fewshot.data import sampling  # pylint: disable=g-import-not-at-top
+  from fewshot.data.dataset import ClassDataset  # pylint: disable=g-import-not-at-top
+  from fewshot.evaluators import FewShotLearner, few_shot_evaluator  # pylint: disable=g-import-not-at-top
+  assert progress.format_duration(3725) == '1h02m'
+  assert progress.format_duration(250) == '4m10s'
+  # Every call of the clock is a minute later: each block is a minute long.
+  clock = iter(range(0, 10**6, 60))
+  monkeypatch.setattr(progress, '_clock', lambda: next(clock))
+  labels = np.repeat(np.arange(4), 3).astype(np.int32)
+  dataset = ClassDataset((labels[:, None, None, None] * 50).astype(np.uint8)
+                         .repeat(2, 1).repeat(2, 2), labels, tuple('abcd'))
+  algorithm = protonet(identity_backbone())
+  params, state = algorithm.init(jax.random.key(0), dataset.images[:2])
+  evaluate = few_shot_evaluator(FewShotLearner(algorithm, lambda p: p),
+                                dataset, sampling.EpisodeSpec(2, 1, 1), 40,
+                                jax.random.key(1))
+  with caplog.at_level(logging.INFO):
+    assert evaluate(params, state)['episodes'] == 40
+  lines = [l for l in caplog.text.splitlines() if '2-way 1-shot episodes' in l]
+  # 20 blocks of 2 episodes; a line per block but the last.
+  assert len(lines) == 19
+  # 30 s per episode so far, every time.
+  assert lines[0].endswith('2/40, 19m00s left')
+  assert lines[-1].endswith('38/40, 1m00s left')
+
+
+_KILL_CONFIG = """
+import importlib.util
+
+def get_config():
+  spec = importlib.util.spec_from_file_location('base', {base!r})
+  base = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(base)
+  config = base.get_config('steps={steps}')
+  config.data.num_classes = (12, 5, 5)
+  config.data.images_per_class = 8
+  config.data.image_size = 12
+  config.objective.ways = 5
+  config.objective.queries = 2
+  config.backbone.filters = 8
+  config.backbone.num_blocks = 2
+  config.train.log_every = 1
+  config.train.eval_every = 1000
+  config.train.checkpoint_every_steps = 1
+  config.eval.test_at_end = False
+  return config
+"""
+
+
+def _kill_config(tmp_path, steps):
+  """A small protonet_synthetic config file that checkpoints every step,
+  and the config it defines."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  from helpers import REPO  # pylint: disable=g-import-not-at-top
+  path = tmp_path / 'kill_config.py'
+  path.write_text(_KILL_CONFIG.format(
+      base=str(REPO / 'configs' / 'protonet_synthetic.py'), steps=steps))
+  spec = importlib.util.spec_from_file_location('kill_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return path, module.get_config()
+
+
+def _train_command(config_path, workdir):
+  import sys  # pylint: disable=g-import-not-at-top
+  from helpers import REPO  # pylint: disable=g-import-not-at-top
+  return [sys.executable, str(REPO / 'experiments' / 'train.py'), '--config',
+          str(config_path), '--workdir', str(workdir)]
+
+
+def _lines(path):
+  return sum(1 for _ in open(path)) if os.path.exists(path) else 0
+
+
+def test_sigkill_at_random_moments_then_finishing_equals_a_straight_run(
+    tmp_path):
+  """train.py killed with SIGKILL 4 times at random moments (a checkpoint
+  is written after every step, so most kills land in or near a write), then
+  run to the end: its parameters are bit-identical to an unkilled run's."""
+  import signal  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  steps = 40
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'compilation_cache'),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  config_path, config = _kill_config(tmp_path, steps)
+  straight, killed = tmp_path / 'straight', tmp_path / 'killed'
+  subprocess.run(_train_command(config_path, straight), env=env, check=True,
+                 capture_output=True)
+  rng = np.random.default_rng(0)
+  metrics, kills = killed / workdir_lib.METRICS, 0
+  while kills < 4:
+    seen = _lines(metrics)
+    process = subprocess.Popen(_train_command(config_path, killed), env=env,
+                               stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    while process.poll() is None and _lines(metrics) <= seen:
+      time.sleep(0.02)  # until this process has trained a step
+    time.sleep(rng.uniform(0, 0.4))
+    if process.poll() is not None:  # finished before the kill
+      break
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    kills += 1
+  assert kills >= 2, 'the run finished before it could be killed twice'
+  subprocess.run(_train_command(config_path, killed), env=env, check=True,
+                 capture_output=True)
+  from helpers import restore_train_state  # pylint: disable=g-import-not-at-top
+  expected, _, _ = restore_train_state(config, straight)
+  got, _, _ = restore_train_state(config, killed)
+  assert int(got.step) == steps
+  jax.tree.map(np.testing.assert_array_equal, got, expected)

@@ -14,16 +14,15 @@ from fewshot.algorithms.base import Algorithm, MetaParams
 from fewshot.backbones.base import (Backbone, ModelState, Params,
                                     identity_backbone)
 from fewshot.data.dataset import ClassDataset
-from fewshot.data.sampling import (DeviceDataset, EpisodeSpec, index_by_class,
-                                   sample_episode)
+from fewshot.data.sampling import EpisodeSpec, index_by_class, sample_episode
 from fewshot.episodes import Episode
 from fewshot.features import feature_inputs
 from fewshot.losses import query_logits
+from fewshot.progress import Progress
 from fewshot.stats import summarize
 
-# (meta_params, model_state, data, key) -> accuracies [num_episodes]
-EvaluateFn = Callable[[MetaParams, ModelState, DeviceDataset, jax.Array],
-                      jax.Array]
+# (meta_params, model_state, data, key[, first]) -> accuracies [num_episodes]
+EvaluateFn = Callable[..., jax.Array]
 # (trained params, model_state) -> {'accuracy', 'ci95', ...}; a few-shot
 # evaluator also takes `per_episode=True` to add 'accuracies' (a list).
 Evaluator = Callable[[Params, ModelState], dict[str, Any]]
@@ -58,10 +57,12 @@ class FeatureCache(NamedTuple):
 def episode_accuracies(algorithm: Algorithm, spec: EpisodeSpec,
                        num_episodes: int, *, chunk_size: int | None = None,
                        images_per_chunk: int = 2048) -> EvaluateFn:
-  """Builds `evaluate(meta_params, model_state, data, key) -> [E] accuracies`.
+  """Builds `evaluate(meta_params, model_state, data, key, first=0) -> [E]`
+  accuracies of episodes `first, ..., first + E - 1`.
 
   Episode e is drawn with `fold_in(key, e)`, so the test episodes depend only
-  on the key (and the dataset), never on the model or on `chunk_size`.
+  on the key (and the dataset), never on the model, on `chunk_size` or on
+  how a long evaluation is split into calls (`first`).
   `chunk_size` episodes are vmapped at once inside a `lax.map`, which bounds
   memory while keeping the whole evaluation one program; jit the result.
   By default a chunk holds about `images_per_chunk` images: far larger
@@ -79,11 +80,17 @@ def episode_accuracies(algorithm: Algorithm, spec: EpisodeSpec,
                              algorithm_key, train=False)
     return jnp.mean(jnp.argmax(logits, axis=-1) == episode.query_labels)
 
-  def evaluate(meta_params, model_state, data, key):
+  def evaluate(meta_params, model_state, data, key, first=0):
     keys = jax.vmap(functools.partial(jax.random.fold_in, key))(
-        jnp.arange(num_episodes))
+        first + jnp.arange(num_episodes))
     per_key = functools.partial(one_episode, meta_params, model_state, data)
-    return jax.lax.map(per_key, keys, batch_size=min(chunk_size, num_episodes))
+    return jax.lax.map(per_key, keys, batch_size=batch)
+
+  # A batch that divides the episodes, if one is not much smaller: the
+  # remainder would be a second vmapped program to compile.
+  batch = min(chunk_size, num_episodes)
+  divisor = max(d for d in range(1, batch + 1) if num_episodes % d == 0)
+  batch = divisor if 2 * divisor >= batch else batch
 
   return evaluate
 
@@ -101,9 +108,14 @@ def few_shot_evaluator(learner: FewShotLearner, dataset: ClassDataset,
   default: summaries are logged and printed). The dataset is placed like the
   parameters (replicated over the harness's mesh, say) and the evaluation
   compiled on the first call; later calls reuse both.
+
+  The episodes run in up to `PROGRESS_BLOCKS` equal calls of one compiled
+  program, so that an evaluation taking minutes (per-episode fine-tuning)
+  logs its progress and the time left (`fewshot.progress.Progress`).
   """
   algorithm = learner.algorithm if features is None else features.algorithm
-  evaluate = jax.jit(episode_accuracies(algorithm, spec, num_episodes,
+  block = _block_size(num_episodes)
+  evaluate = jax.jit(episode_accuracies(algorithm, spec, block,
                                         images_per_chunk=images_per_chunk))
   placed = {}  # sharding -> the dataset on it
 
@@ -126,7 +138,14 @@ def few_shot_evaluator(learner: FewShotLearner, dataset: ClassDataset,
       jax.block_until_ready(data.images)
       extra = dict(precomputed_features=True,
                    feature_seconds=round(time.time() - start, 2))
-    accuracies = np.asarray(evaluate(meta_params, model_state, data, key))
+    progress = Progress(num_episodes, f'{spec.num_ways}-way '
+                        f'{spec.num_shots}-shot episodes')
+    blocks = []
+    for first in range(0, num_episodes, block):
+      blocks.append(np.asarray(evaluate(meta_params, model_state, data, key,
+                                        first)))
+      progress.update(first + block)
+    accuracies = np.concatenate(blocks)
     if per_episode:
       extra['accuracies'] = accuracies.astype(float).tolist()
     return dict(summarize(accuracies), ways=spec.num_ways,
@@ -134,6 +153,17 @@ def few_shot_evaluator(learner: FewShotLearner, dataset: ClassDataset,
                 seconds=round(time.time() - start, 2), **extra)
 
   return run
+
+
+PROGRESS_BLOCKS = 20
+
+
+def _block_size(num_episodes: int) -> int:
+  """The episodes per call: the smallest divisor of `num_episodes` that
+  makes at most `PROGRESS_BLOCKS` calls."""
+  return next(size for size in range(1, num_episodes + 1)
+              if num_episodes % size == 0 and
+              num_episodes // size <= PROGRESS_BLOCKS)
 
 
 def feature_cache(make_algorithm: Callable[[Backbone], Algorithm],
