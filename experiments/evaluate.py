@@ -16,6 +16,8 @@ per-episode fine-tuning.
 """
 
 import json
+import os
+import sys
 from typing import Sequence
 
 from absl import app
@@ -24,6 +26,8 @@ from absl import flags
 from fewshot import config_flags  # ml_collections', overrides checked
 from fewshot import builder
 from fewshot._utils import quiet_library_logs
+from fewshot.checkpoint import ArchitectureMismatch, UnreadableCheckpoints
+from fewshot.records import config_differences
 from fewshot.evaluators import workdir as evaluation
 from fewshot.ops import tune_malloc
 
@@ -47,9 +51,41 @@ _HISTOGRAM = flags.DEFINE_string(
     'here (episodes protocol; needs matplotlib).')
 
 
+# The sections that decide a checkpoint's parameter shapes.
+_MODEL_SECTIONS = ('backbone.', 'algorithm.', 'objective.')
+
+
+def _model_fields_changed(workdir: str, config) -> str:
+  """' --config differs from the workdir's config.json in: <field>: <there>
+  there, <here> here; ...' for the model sections, or ''."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    return ''
+  with open(path) as f:
+    stored = json.load(f)
+  here = json.loads(json.dumps(config.to_dict()))
+  changed = {k: v for k, v in config_differences([stored, here]).items()
+             if k.startswith(_MODEL_SECTIONS)}
+  if not changed:
+    return ''
+  listed = '; '.join(f'{k}: {there!r} there, {now!r} here'
+                     for k, (there, now) in changed.items())
+  return f" --config differs from the workdir's config.json in: {listed}."
+
+
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError('Too many command-line arguments.')
+  try:
+    _evaluate()
+  except ArchitectureMismatch as e:
+    sys.exit(f'evaluate.py: {e}'
+             f'{_model_fields_changed(_WORKDIR.value, _CONFIG.value)}')
+  except (UnreadableCheckpoints, FileNotFoundError) as e:
+    sys.exit(f'evaluate.py: {type(e).__name__}: {e}')
+
+
+def _evaluate() -> None:
   quiet_library_logs()
   tune_malloc()  # before any JAX work; see fewshot/ops/__init__.py
   if _HISTOGRAM.value and _PROTOCOL.value != 'episodes':

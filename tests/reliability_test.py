@@ -424,24 +424,37 @@ def _lines(path):
   return sum(1 for _ in open(path)) if os.path.exists(path) else 0
 
 
+@pytest.fixture(scope='module')
+def script_run(tmp_path_factory):
+  """An unkilled train.py run of `_KILL_CONFIG`: `(config path, config,
+  workdir, env)`; the processes share a compilation cache."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  tmp_path = tmp_path_factory.mktemp('script')
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'compilation_cache'),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  config_path, config = _kill_config(tmp_path, _KILL_STEPS)
+  workdir = tmp_path / 'straight'
+  subprocess.run(_train_command(config_path, workdir), env=env, check=True,
+                 capture_output=True)
+  return config_path, config, workdir, env
+
+
+_KILL_STEPS = 40
+
+
 def test_sigkill_at_random_moments_then_finishing_equals_a_straight_run(
-    tmp_path):
+    script_run, tmp_path):
   """train.py killed with SIGKILL 4 times at random moments (a checkpoint
   is written after every step, so most kills land in or near a write), then
   run to the end: its parameters are bit-identical to an unkilled run's."""
   import signal  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
   import time  # pylint: disable=g-import-not-at-top
-  steps = 40
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'compilation_cache'),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
-  config_path, config = _kill_config(tmp_path, steps)
-  straight, killed = tmp_path / 'straight', tmp_path / 'killed'
-  subprocess.run(_train_command(config_path, straight), env=env, check=True,
-                 capture_output=True)
+  config_path, config, straight, env = script_run
+  killed = tmp_path / 'killed'
   rng = np.random.default_rng(0)
-  metrics, kills = killed / workdir_lib.METRICS, 0
+  metrics, kills, in_writes = killed / workdir_lib.METRICS, 0, 0
   while kills < 4:
     seen = _lines(metrics)
     process = subprocess.Popen(_train_command(config_path, killed), env=env,
@@ -455,11 +468,31 @@ def test_sigkill_at_random_moments_then_finishing_equals_a_straight_run(
     process.send_signal(signal.SIGKILL)
     process.wait()
     kills += 1
+    # An unfinished write leaves orbax's temporary folder behind.
+    in_writes += any('tmp' in name
+                     for name in os.listdir(killed / 'checkpoints'))
   assert kills >= 2, 'the run finished before it could be killed twice'
   subprocess.run(_train_command(config_path, killed), env=env, check=True,
                  capture_output=True)
   from helpers import restore_train_state  # pylint: disable=g-import-not-at-top
   expected, _, _ = restore_train_state(config, straight)
   got, _, _ = restore_train_state(config, killed)
-  assert int(got.step) == steps
+  assert int(got.step) == _KILL_STEPS
   jax.tree.map(np.testing.assert_array_equal, got, expected)
+  print(f'{kills} kills, {in_writes} during a checkpoint write')
+
+
+def test_evaluating_with_another_model_names_the_config_fields(script_run):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from helpers import REPO  # pylint: disable=g-import-not-at-top
+  config_path, _, workdir, env = script_run
+  result = subprocess.run(
+      [sys.executable, str(REPO / 'experiments' / 'evaluate.py'), '--config',
+       str(config_path), '--workdir', str(workdir),
+       '--config.backbone.filters=4'], env=env, capture_output=True,
+      text=True, check=False)
+  assert result.returncode == 1, result.stderr[-2000:]
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith('evaluate.py: The checkpoint at step 40'), last
+  assert last.endswith("config.json in: backbone.filters: 8 there, 4 here.")
