@@ -7,7 +7,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from jax.sharding import Mesh, PartitionSpec
 
 from fewshot.algorithms.base import Algorithm, MetaParams
 from fewshot.backbones.base import ModelState
@@ -15,6 +17,9 @@ from fewshot.episodes import Episode
 from fewshot.peft.backbone import FROZEN
 
 Metrics = dict[str, jax.Array]
+
+# The mesh axis the task axis is split over (the harness's `task_mesh`).
+TASK_AXIS = 'data'
 
 
 def query_logits(algorithm: Algorithm, meta_params: MetaParams,
@@ -54,20 +59,32 @@ def meta_batch_loss(algorithm: Algorithm, meta_params: MetaParams,
   Each task updates the model state independently; the new state is the mean
   over tasks (for BatchNorm running averages, the average of the tasks').
   """
-  num_tasks = episodes.support_labels.shape[0]
-  keys = jax.random.split(key, num_tasks)
+  keys = jax.random.split(key, episodes.support_labels.shape[0])
+  loss, (metrics, states) = _tasks_loss(algorithm, train, meta_params,
+                                        model_state, episodes, keys)
+  return loss, (metrics, _keep_frozen(states, model_state))
+
+
+def _tasks_loss(algorithm: Algorithm, train: bool, meta_params: MetaParams,
+                model_state: ModelState, episodes: Episode, keys: jax.Array
+                ) -> tuple[jax.Array, tuple[Metrics, Any]]:
+  """Loss, metrics and new state of `[T]` tasks, each averaged over them."""
   per_task = functools.partial(episode_loss, algorithm, train=train)
   losses, (metrics, states) = jax.vmap(per_task, in_axes=(None, None, 0, 0))(
       meta_params, model_state, episodes, keys)
   metrics = jax.tree.map(jnp.mean, metrics)
-  return jnp.mean(losses), (metrics, _mean_state(states, model_state))
+  return jnp.mean(losses), (metrics, _mean_state(states))
 
 
-def _mean_state(states: Any, model_state: ModelState) -> Any:
-  """The tasks' new states `[T, ...]` averaged; a PEFT backbone's frozen base
-  weights (`model_state['frozen']`, never updated) are passed through as
-  they were, not averaged (a mean of T copies need not round to the copy)."""
-  mean = jax.tree.map(lambda s: jnp.mean(s, axis=0), states)
+def _mean_state(states: Any) -> Any:
+  """The tasks' new states `[T, ...]` averaged over the task axis."""
+  return jax.tree.map(lambda s: jnp.mean(s, axis=0), states)
+
+
+def _keep_frozen(mean: Any, model_state: ModelState) -> Any:
+  """`mean` with a PEFT backbone's frozen base weights (`model_state['frozen']`,
+  never updated) passed through as they were, not averaged (a mean of T
+  copies need not round to the copy)."""
   if isinstance(model_state, dict) and FROZEN in model_state:
     mean = {**mean, FROZEN: model_state[FROZEN]}
   return mean
@@ -90,17 +107,32 @@ def _mean_over_tasks(tree: Any) -> Any:
 def meta_batch_value_and_grad(
     algorithm: Algorithm, meta_params: MetaParams, model_state: ModelState,
     episodes: Episode, key: jax.Array, train: bool = True, *,
-    per_task: bool | None = None,
+    per_task: bool | None = None, mesh: Mesh | None = None,
 ) -> tuple[tuple[jax.Array, tuple[Metrics, Any]], MetaParams]:
-  """`jax.value_and_grad(meta_batch_loss, has_aux=True)`, fast on XLA:CPU.
+  """`jax.value_and_grad(meta_batch_loss, has_aux=True)`, fast on XLA:CPU
+  and local to each device when the task axis is split over several.
 
   Same values (to float rounding) as differentiating `meta_batch_loss`.
   With `per_task` the meta-gradient of each task is taken inside the vmap
   (`[T, ...]` per parameter) and averaged over tasks by
-  `_mean_over_tasks`; without it, it is `jax.value_and_grad` of
-  `meta_batch_loss`. The default (None) is per task on CPU, where it is
-  faster, and the mean loss's gradient elsewhere (not measured there).
-  The episodic objective trains with it.
+  `_mean_over_tasks`; without it, it is `jax.value_and_grad` of the mean
+  loss. The default (None) is per task on CPU, where it is faster, and the
+  mean loss's gradient elsewhere (not measured there). The episodic
+  objective trains with it.
+
+  On several devices each runs its own `T / D` tasks under `shard_map`
+  (no communication), and one all-reduce averages the loss, metrics, new
+  state and gradient. Left to the SPMD partitioner, the per-task kernels of
+  MAML's inner loop (`fewshot.ops.conv`, unrolled over the task axis) had
+  every task's activations sent to device 0, broadcast to all (so every
+  device computed every task) and re-split: ~300 collectives per step and
+  4x slower steps on 4 simulated CPU devices (issue 18's run aborted on
+  XLA:CPU's 40 s rendezvous timeout of a collective).
+
+  Args:
+    mesh: a 1-D mesh whose axis `TASK_AXIS` splits the task axis; default
+      all devices (the harness's `task_mesh`) if there are several and they
+      divide `T`, else none (one program over all tasks).
 
   Returns:
     `((loss, (metrics, model_state)), grads)`, grads shaped like
@@ -108,17 +140,56 @@ def meta_batch_value_and_grad(
   """
   if per_task is None:
     per_task = jax.default_backend() == 'cpu'
-  if not per_task:
-    return jax.value_and_grad(
-        functools.partial(meta_batch_loss, algorithm, train=train),
-        has_aux=True)(meta_params, model_state, episodes, key)
   num_tasks = episodes.support_labels.shape[0]
   keys = jax.random.split(key, num_tasks)
-  task_value_and_grad = jax.value_and_grad(
-      functools.partial(episode_loss, algorithm, train=train), has_aux=True)
-  (losses, (metrics, states)), grads = jax.vmap(
-      task_value_and_grad, in_axes=(None, None, 0, 0))(
-          meta_params, model_state, episodes, keys)
-  metrics = jax.tree.map(jnp.mean, metrics)
-  return ((jnp.mean(losses), (metrics, _mean_state(states, model_state))),
-          _mean_over_tasks(grads))
+
+  def tasks_value_and_grad(meta_params, model_state, episodes, keys):
+    if not per_task:
+      return jax.value_and_grad(
+          functools.partial(_tasks_loss, algorithm, train),
+          has_aux=True)(meta_params, model_state, episodes, keys)
+    task_value_and_grad = jax.value_and_grad(
+        functools.partial(episode_loss, algorithm, train=train), has_aux=True)
+    (losses, (metrics, states)), grads = jax.vmap(
+        task_value_and_grad, in_axes=(None, None, 0, 0))(
+            meta_params, model_state, episodes, keys)
+    metrics = jax.tree.map(jnp.mean, metrics)
+    return ((jnp.mean(losses), (metrics, _mean_state(states))),
+            _mean_over_tasks(grads))
+
+  if mesh is None:
+    mesh = _task_mesh(num_tasks)
+  if mesh is not None:
+    tasks_value_and_grad = _split_over_tasks(tasks_value_and_grad, mesh)
+  (loss, (metrics, states)), grads = tasks_value_and_grad(
+      meta_params, model_state, episodes, keys)
+  return (loss, (metrics, _keep_frozen(states, model_state))), grads
+
+
+def _task_mesh(num_tasks: int) -> Mesh | None:
+  """All devices as a 1-D `TASK_AXIS` mesh, if several and they divide the
+  tasks (as `fewshot.harness.task_mesh`, which splits the batch on it)."""
+  devices = jax.devices()
+  if len(devices) == 1 or num_tasks % len(devices):
+    return None
+  return Mesh(np.asarray(devices), (TASK_AXIS,))
+
+
+def _split_over_tasks(fn, mesh: Mesh):
+  """`fn(meta_params, model_state, episodes, keys)`, whose outputs are means
+  over the tasks, run on each device's tasks and averaged by `pmean`.
+
+  The parameters and state go in replicated, the episodes and keys split on
+  their task axis. `check_vma=False`: gradients stay each device's own until
+  the `pmean` (with varying-axis checks the custom-gradient convs of
+  `fewshot.ops.conv` do not trace: their kernel gradient varies over the
+  devices, the kernel does not).
+  """
+  def local(*args):
+    return jax.lax.pmean(fn(*args), TASK_AXIS)
+
+  tasks = PartitionSpec(TASK_AXIS)
+  return jax.shard_map(local, mesh=mesh,
+                       in_specs=(PartitionSpec(), PartitionSpec(), tasks,
+                                 tasks),
+                       out_specs=PartitionSpec(), check_vma=False)
