@@ -131,10 +131,11 @@ def test_teachers_that_do_not_fit_get_clear_errors():
 
 
 def _small(config):
-  """`pretrain_synthetic` on a Conv-4 of 8 filters (quick to compile)."""
+  """`pretrain_synthetic` on a two-block Conv-4 of 8 filters (quick to
+  compile)."""
   with config.unlocked():
     config.backbone = ml_collections.ConfigDict(dict(
-        name='conv4', filters=8, norm='batch_running'))
+        name='conv4', filters=8, num_blocks=2, norm='batch_running'))
     config.eval.test_at_end = False
   return config
 
@@ -163,12 +164,13 @@ def test_a_workdir_is_a_teacher_for_either_architecture(tmp_path):
       workdir_lib.load_head(teacher)['kernel'])
   # A student of another architecture, with a FitNets hint.
   config = _distill_config(teacher, hint=dict(student='layer4',
-                                              teacher='conv3'))
+                                              teacher='conv1'))
   with config.unlocked():
+    # Equal widths: few kernel shapes for the random init to compile.
     config.backbone = ml_collections.ConfigDict(dict(
-        name='resnet12', widths=(4, 4, 4, 6), norm='batch_running'))
+        name='resnet12', widths=(4, 4, 4, 4), norm='batch_running'))
   params, _ = builder.build(config).initial()
-  assert params['projection']['kernel'].shape == (6, 8)
+  assert params['projection']['kernel'].shape == (4, 8)  # student -> teacher
 
 
 def test_init_copies_the_teacher_so_a_donating_step_leaves_it_usable():

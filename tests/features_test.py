@@ -66,6 +66,9 @@ def test_extract_features_equals_one_big_batch():
 def pretrained_workdir(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('pretrained')
   config = load_config('pretrain_synthetic', 'steps=2')
+  # Equal widths: few distinct kernel shapes, so the random init compiles
+  # fast (the evaluations read them from the workdir).
+  config.backbone.widths = (4, 4, 4, 4)
   config.train.eval_every = 100
   config.eval.test_at_end = False
   config.eval.val_episodes = 2

@@ -52,14 +52,32 @@ def _final_params(config, workdir):
   return params, model_state
 
 
-def test_two_steps_end_to_end(tmp_path):
+@pytest.fixture(scope='module')
+def two_steps(tmp_path_factory):
+  """A finished 2-step run: `(config, workdir, results)`, for tests that
+  only read it."""
+  workdir = tmp_path_factory.mktemp('two_steps')
   config = _tiny_config(steps=2)
-  results = harness.train_and_evaluate(config, str(tmp_path))
+  return config, workdir, harness.train_and_evaluate(config, str(workdir))
+
+
+@pytest.fixture(scope='module')
+def straight_run(tmp_path_factory):
+  """An uninterrupted 4-step run's workdir, which the stopped runs resume to
+  the end and are compared with (its config differs from theirs at most in
+  `log_every`, which trains nothing)."""
+  workdir = tmp_path_factory.mktemp('straight')
+  harness.train_and_evaluate(_tiny_config(steps=4), str(workdir))
+  return workdir
+
+
+def test_two_steps_end_to_end(two_steps):
+  config, workdir, results = two_steps
   assert results['step'] == 2
   # The reported test figure is the seeded episodes' accuracy of the saved
   # parameters, computed here independently of the harness.
   experiment = builder.build(config)
-  params, model_state, step = evaluation.restore(experiment, str(tmp_path))
+  params, model_state, step = evaluation.restore(experiment, str(workdir))
   assert step == 2
   spec = sampling.EpisodeSpec(config.eval.ways, config.eval.shots,
                               config.eval.queries)
@@ -76,40 +94,39 @@ def test_two_steps_end_to_end(tmp_path):
                              rtol=1e-6)
   # metrics.jsonl holds both steps' training losses, as one log line per
   # `log_every` steps, and the test figure; config.json the config.
-  records = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
+  records = [json.loads(l) for l in open(workdir / 'metrics.jsonl')]
   train_records = [r for r in records if 'train_loss' in r]
   assert [r['step'] for r in train_records] == [2]
   assert np.isfinite(train_records[0]['train_loss'])
   assert train_records[0]['episodes_per_second'] > 0
   assert [r['test_accuracy'] for r in records if 'test_accuracy' in r] == [
       results['test']['accuracy']]
-  assert json.load(open(tmp_path / 'config.json'))['train']['num_steps'] == 2
+  assert json.load(open(workdir / 'config.json'))['train']['num_steps'] == 2
 
 
-def _resume_and_compare(config, tmp_path, name, stopped_at):
+def _resume_and_compare(config, straight_dir, workdir, stopped_at):
   """Checks the stopped run kept `stopped_at`, resumes it to the end and
-  compares it with the uninterrupted run in `tmp_path / 'straight'`."""
-  workdir = tmp_path / name
+  compares it with the uninterrupted run in `straight_dir`."""
   checkpointer = Checkpointer(workdir / 'checkpoints')
   assert checkpointer.latest_step() == stopped_at
   checkpointer.close()
   results = harness.train_and_evaluate(config, str(workdir))
   assert results['step'] == config.train.num_steps
-  straight = _final_params(config, str(tmp_path / 'straight'))
+  straight = _final_params(config, str(straight_dir))
   resumed = _final_params(config, str(workdir))
   jax.tree.map(np.testing.assert_array_equal, straight, resumed)
   return straight
 
 
-def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path,
+def test_resume_after_a_kill_equals_an_uninterrupted_run(straight_run,
+                                                         tmp_path,
                                                          monkeypatch):
   config = _tiny_config(steps=4)
-  harness.train_and_evaluate(config, str(tmp_path / 'straight'))
-
   killed_after_checkpoint(monkeypatch, 2, lambda: harness.train_and_evaluate(
       config, str(tmp_path / 'killed')))
   # Nothing written before the kill is lost.
-  straight = _resume_and_compare(config, tmp_path, 'killed', stopped_at=2)
+  straight = _resume_and_compare(config, straight_run, tmp_path / 'killed',
+                                 stopped_at=2)
   # And training did move the parameters.
   experiment = builder.build(config)
   fresh = init_state(experiment.objective, experiment.optimizer,
@@ -122,14 +139,13 @@ class _Terminated(Exception):
   pass
 
 
-def test_sigterm_checkpoints_the_current_step_and_resumes(tmp_path,
+def test_sigterm_checkpoints_the_current_step_and_resumes(straight_run,
+                                                          tmp_path,
                                                           monkeypatch):
   # SIGTERM between checkpoints (every 2 steps) arrives after step 3: the
   # trainer must save step 3, then stop by the previous handler.
   config = _tiny_config(steps=4)
   config.train.log_every = 1
-  harness.train_and_evaluate(config, str(tmp_path / 'straight'))
-
   original_write = workdir_lib.MetricsLog.write
 
   def write_then_signal(self, step, **values):
@@ -150,7 +166,8 @@ def test_sigterm_checkpoints_the_current_step_and_resumes(tmp_path,
   finally:
     signal.signal(signal.SIGTERM, previous)
   monkeypatch.setattr(workdir_lib.MetricsLog, 'write', original_write)
-  _resume_and_compare(config, tmp_path, 'stopped', stopped_at=3)
+  _resume_and_compare(config, straight_run, tmp_path / 'stopped',
+                      stopped_at=3)
 
 
 def test_train_step_compiles_once():
@@ -174,18 +191,18 @@ def test_objective_rejects_unknown_augmentation():
     builder.build(config)
 
 
-def test_checkpoint_of_another_architecture_is_a_clear_error(tmp_path):
-  config = _tiny_config(steps=2)
-  harness.train_and_evaluate(config, str(tmp_path))
+def test_checkpoint_of_another_architecture_is_a_clear_error(two_steps):
+  config, workdir, _ = two_steps
+  config = config.copy_and_resolve_references()
   config.backbone.filters = 4
   with pytest.raises(ValueError, match='another architecture.*has shape'):
     evaluation.evaluate_workdir(builder.build(config, pretrained=False),
-                                  str(tmp_path))
+                                  str(workdir))
   config.backbone.filters = 8
   config.backbone.norm = 'batch'  # no running statistics in this mode
   with pytest.raises(ValueError, match='another architecture'):
     evaluation.evaluate_workdir(builder.build(config, pretrained=False),
-                                  str(tmp_path))
+                                  str(workdir))
 
 
 @pytest.mark.parametrize('section,key', [('algorithm', 'temperature'),
@@ -233,9 +250,16 @@ def test_evaluate_without_checkpoints_is_a_clear_error(tmp_path):
 
 def test_experiment_scripts_end_to_end(tmp_path):
   """train.py then evaluate.py as a user runs them; the last line is JSON."""
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  # The processes share one compilation cache (this test's own): each
+  # evaluate.py finds the backbone's initialisation and, for the episodes
+  # protocol, the evaluation train.py compiled; with as many validation as
+  # test episodes, train.py's validation and test are one program too.
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'compilation_cache'),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
   common = ['--config', str(REPO / 'configs' / 'protonet_synthetic.py:steps=3'),
-            '--workdir', str(tmp_path), '--config.eval.num_episodes=20',
+            '--workdir', str(tmp_path / 'workdir'),
+            '--config.eval.num_episodes=20', '--config.eval.val_episodes=20',
             '--config.backbone.filters=8']
   # Bad flags fail before any training: run beside the training and evaluation below.
   bad_key = subprocess.Popen(

@@ -13,12 +13,25 @@ from fewshot.data import sampling
 from fewshot.data.synthetic import synthetic_splits
 
 
-def test_meta_batch_loss_is_the_mean_of_episode_losses():
-  splits = synthetic_splits(num_classes=(10, 2, 2), images_per_class=5)
+@functools.lru_cache(maxsize=None)
+def _episodes():
+  """Three 3-way 1-shot tasks of small generated images (shared)."""
+  splits = synthetic_splits(num_classes=(10, 2, 2), images_per_class=5,
+                            image_size=12)
   data = sampling.to_device(splits['train'])
   spec = sampling.EpisodeSpec(3, 1, 2)
-  episodes = sampling.sample_meta_batch(jax.random.key(0), data, spec, 3)
-  algorithm = protonet(backbones.create('conv4', filters=8, norm='batch'))
+  return sampling.sample_meta_batch(jax.random.key(0), data, spec, 3)
+
+
+def _backbone(norm):
+  # Two conv blocks: compiling a second-order program costs about as much
+  # per block, and none of these identities depends on the depth.
+  return backbones.create('conv4', filters=8, norm=norm, num_blocks=2)
+
+
+def test_meta_batch_loss_is_the_mean_of_episode_losses():
+  episodes = _episodes()
+  algorithm = protonet(_backbone('batch'))
   params, state = algorithm.init(jax.random.key(1), episodes.support_images[0])
   key = jax.random.key(5)
   # Compiled: eager op-by-op dispatch of the vmapped custom ops is slow.
@@ -41,12 +54,9 @@ def test_meta_batch_loss_is_the_mean_of_episode_losses():
 def maml_meta_batch():
   """MAML (second order) with running BatchNorm statistics on an odd number
   of tasks, and jax.value_and_grad of its averaged loss (the reference)."""
-  splits = synthetic_splits(num_classes=(10, 2, 2), images_per_class=5)
-  data = sampling.to_device(splits['train'])
-  spec = sampling.EpisodeSpec(3, 1, 2)
-  episodes = sampling.sample_meta_batch(jax.random.key(0), data, spec, 3)
-  algorithm = maml(backbones.create('conv4', filters=8, norm='batch_running'),
-                   num_ways=3, inner_steps=2, inner_learning_rate=0.3)
+  episodes = _episodes()
+  algorithm = maml(_backbone('batch_running'), num_ways=3, inner_steps=2,
+                   inner_learning_rate=0.3)
   params, state = algorithm.init(jax.random.key(1), episodes.support_images[0])
   key = jax.random.key(5)
   reference = jax.jit(jax.value_and_grad(

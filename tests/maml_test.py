@@ -51,18 +51,19 @@ def test_meta_gradient_matches_finite_differences():
     algorithm = maml(_backbone(), num_ways=WAYS, inner_steps=2,
                      inner_learning_rate=0.5)
     params, state = algorithm.init(jax.random.key(1), episode.support_images)
-    params = jax.tree.map(lambda x: x.astype(jnp.float64), params)
+    # float64 numpy leaves: the shifted points and dot products below are
+    # numpy arithmetic, not an eager op (and its compilation) per shape.
+    params = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
     loss = lambda p: _loss(algorithm, p, state, episode)
-    grads = jax.grad(loss)(params)
+    grads = jax.tree.map(np.asarray, jax.jit(jax.grad(loss))(params))
     rng = np.random.default_rng(0)
     for _ in range(3):
-      direction = jax.tree.map(
-          lambda x: jnp.asarray(rng.normal(size=x.shape)), params)
+      direction = jax.tree.map(lambda x: rng.normal(size=x.shape), params)
       eps = 1e-5
       shifted = lambda s: jax.tree.map(lambda p, d: p + s * d, params,
                                        direction)
       numeric = (loss(shifted(eps)) - loss(shifted(-eps))) / (2 * eps)
-      analytic = sum(jnp.vdot(g, d) for g, d in zip(
+      analytic = sum(np.vdot(g, d) for g, d in zip(
           jax.tree.leaves(grads), jax.tree.leaves(direction)))
       np.testing.assert_allclose(analytic, numeric, rtol=1e-5, atol=1e-8)
 
@@ -151,8 +152,10 @@ def test_remat_gives_the_same_meta_gradient():
   plain = maml(backbone, num_ways=WAYS, inner_steps=3)
   rematted = maml(backbone, num_ways=WAYS, inner_steps=3, remat=True)
   params, state = plain.init(jax.random.key(1), episodes.support_images[0])
-  grad = lambda alg: jax.grad(lambda p: meta_batch_loss(
-      alg, p, state, episodes, jax.random.key(0))[0])(params)
+  # Compiled (one program each): eager dispatch of the second-order scan
+  # compiled some 200 small programs.
+  grad = lambda alg: jax.jit(jax.grad(lambda p: meta_batch_loss(
+      alg, p, state, episodes, jax.random.key(0))[0]))(params)
   for a, b in zip(jax.tree.leaves(grad(plain)), jax.tree.leaves(grad(rematted))):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
@@ -228,16 +231,19 @@ def test_vmap_over_tasks_equals_a_loop_over_tasks():
                    inner_steps=2)
   params, state = algorithm.init(jax.random.key(1), episodes.support_images[0])
   key = jax.random.key(3)
-  (loss, (_, new_state)), grads = jax.value_and_grad(
+  # Compiled: the vmapped meta-batch, and one program for a single task
+  # called on each task in turn.
+  (loss, (_, new_state)), grads = jax.jit(jax.value_and_grad(
       lambda p: meta_batch_loss(algorithm, p, state, episodes, key),
-      has_aux=True)(params)
+      has_aux=True))(params)
+  one_task = jax.jit(jax.value_and_grad(
+      lambda p, episode, k: episode_loss(algorithm, p, state, episode, k),
+      has_aux=True))
   keys = jax.random.split(key, 3)
   losses, loop_grads, states = [], [], []
   for t in range(3):
-    (task_loss, (_, task_state)), task_grads = jax.value_and_grad(
-        lambda p: episode_loss(algorithm, p, state,
-                               jax.tree.map(lambda x: x[t], episodes), keys[t]),
-        has_aux=True)(params)
+    (task_loss, (_, task_state)), task_grads = one_task(
+        params, jax.tree.map(lambda x: x[t], episodes), keys[t])
     losses.append(task_loss)
     loop_grads.append(task_grads)
     states.append(task_state)

@@ -315,11 +315,15 @@ def test_degenerate_batches_give_finite_values_and_gradients_under_vmap():
   xs, ys = map(np.stack, zip(*map(_case, _CASES)))
   for name, loss in _all_losses():
     params = loss.init(jax.random.key(0), 8, 5)
-    values, grads = jax.jit(jax.vmap(
-        jax.value_and_grad(loss.apply, argnums=(0, 1)), in_axes=(None, 0, 0)))(
-            params, xs, ys)
-    np.testing.assert_allclose(values[0], loss.apply(params, xs[0], ys[0]),
-                               rtol=1e-5, err_msg=name)
+
+    @jax.jit  # one program with the unbatched call (eagerly: op by op)
+    def run(params, xs, ys, loss=loss):
+      return jax.vmap(jax.value_and_grad(loss.apply, argnums=(0, 1)),
+                      in_axes=(None, 0, 0))(params, xs, ys), loss.apply(
+                          params, xs[0], ys[0])
+
+    (values, grads), unbatched = run(params, xs, ys)
+    np.testing.assert_allclose(values[0], unbatched, rtol=1e-5, err_msg=name)
     for i, case in enumerate(_CASES):
       assert np.isfinite(float(values[i])), (name, case)
       assert all(np.isfinite(g[i]).all() for g in jax.tree.leaves(grads)), (

@@ -80,12 +80,19 @@ def _toy_data():
       'y': rng.normal(size=(32, 2)).astype(np.float32)})}
 
 
+def _toy_backbone():
+  # Two conv blocks: the gradient paths compare the same way at any depth,
+  # with half the layers to compile.
+  return backbones.create('conv4', filters=4, norm='batch_running',
+                          num_blocks=2)
+
+
 def _toy_objective(weighting, tasks=None):
   data = _toy_data()
   tasks = tasks or {'a': Task('images', outputs=3),
                     'b': Task('images', outputs=4, head='cosine'),
                     'y': Task('images', kind='regress', outputs=2)}
-  backbone = backbones.create('conv4', filters=4, norm='batch_running')
+  backbone = _toy_backbone()
   objective = multitask(backbone, tasks=tasks,
                         streams={'images': Stream(batch_size=8)},
                         weighting=weighting)
@@ -143,8 +150,7 @@ def test_one_task_trains_as_single_task_training(name, options):
     return task_loss(tasks['a'], p['heads']['a'], features,
                      batch['images'].labels['a'])[0]
 
-  objective_backbone = backbones.create('conv4', filters=4,
-                                        norm='batch_running')
+  objective_backbone = _toy_backbone()
   expected = jax.grad(single)({'backbone': params['backbone'],
                                'heads': params['heads']})
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4,
@@ -285,6 +291,7 @@ def test_episode_rotation_and_fewshot_heads_on_class_data(tmp_path):
   synthetic = dict(name='synthetic', num_classes=(6, 4, 4),
                    images_per_class=10, image_size=16)
   config = _config('unused', steps=2)
+  config.backbone.num_blocks = 2  # half the layers to compile, 4x4 maps
   config.data = dict(name='class_images', dataset=synthetic)
   config.objective.streams = dict(
       images=dict(batch_size=8), turned=dict(batch_size=8, rotate=True),

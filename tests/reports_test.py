@@ -26,13 +26,13 @@ def _config():
                        seed=3, mmd_images=40)
   config.pretrained = dict(
       label='conv4 + ridge probe',
-      backbone=dict(name='conv4', filters=8, num_blocks=2,
+      backbone=dict(name='conv4', filters=8, num_blocks=1,
                     norm='batch_running'),
       algorithm=dict(name='linear_probe', solver='ridge'),
       precompute_features=True, feature_batch_size=16)
   config.scratch = dict(
       label='conv4 fine-tuned from scratch',
-      backbone=dict(name='conv4', filters=8, num_blocks=2, norm='none'),
+      backbone=dict(name='conv4', filters=8, num_blocks=1, norm='none'),
       algorithm=dict(name='fine_tune', steps=2))
   config.sizes = (1, 3)
   config.eval = dict(ways=3, queries=4, num_episodes=6, images_per_chunk=64,

@@ -57,8 +57,13 @@ def three_steps(experiment, name):
 report = dict()
 for name, (algorithm_config, norm) in ALGORITHMS.items():
   config = protonet_synthetic.get_config('steps=3')
+  # Two conv blocks (each costs about as much compiling) on 12x12 images:
+  # 3x3x8 features, few enough that 3 steps of MAML's second-order inner
+  # loop keep float-level differences float-level.
   config.data.num_classes = (12, 5, 5)
+  config.data.image_size = 12
   config.backbone.filters = 8
+  config.backbone.num_blocks = 2
   config.backbone.norm = norm
   config.algorithm = algorithm_config
   # SGD keeps float-level differences float-level (Adam's normalisation
@@ -74,6 +79,7 @@ for loss in ('triplet', 'proxy_anchor'):
   metric_config = metric_synthetic.get_config(
       f'loss={{loss}},steps=3,classes=4,per_class=2')
   metric_config.backbone.filters = 8
+  metric_config.backbone.num_blocks = 2
   metric_config.optimizer = dict(name='sgd', learning_rate=0.05)
   report[f'metric_{{loss}}'] = three_steps(builder.build(metric_config),
                                          f'metric_{{loss}}')
@@ -89,6 +95,7 @@ config.objective.streams = dict(images=dict(batch_size=8),
 config.objective.tasks = dict(character=dict(stream='images', labels='class'),
                               rotation=dict(stream='turned',
                                             labels='rotation'))
+config.backbone.num_blocks = 2
 config.optimizer = dict(name='sgd', learning_rate=0.05)
 report['multitask'] = three_steps(builder.build(config), 'multitask')
 # The adaptation objective: source and target minibatches (and the strong
@@ -109,7 +116,8 @@ report['adaptation'] = three_steps(builder.build(config), 'adaptation')
 # The whole harness (placement, validation, test, checkpoints) on the
 # supervised objective: its minibatch axis is split over the devices.
 config = pretrain_synthetic.get_config('steps=3')
-config.backbone.widths = (4, 4, 4, 4)
+config.backbone = dict(name='conv4', filters=8, num_blocks=2,
+                       norm='batch_running')
 config.train.eval_every = 2
 config.eval.val_episodes = 4
 config.eval.num_episodes = 6
