@@ -29,6 +29,7 @@ from fewshot import builder
 from fewshot import workdir as workdir_lib
 from fewshot.checkpoint import Checkpointer
 from fewshot.experiment import Experiment
+from fewshot.losses import TASK_AXIS
 from fewshot.objectives.base import TrainState, init_state, make_train_step
 from fewshot.progress import format_duration
 from fewshot.records import flatten_config
@@ -36,8 +37,10 @@ from fewshot.signals import StopSignals
 
 
 def task_mesh() -> Mesh:
-  """A 1-D mesh named 'data' over all devices: the batch axis is split on it."""
-  return Mesh(np.asarray(jax.devices()), ('data',))
+  """A 1-D mesh named 'data' (`losses.TASK_AXIS`) over all devices: the
+  batch axis is split on it (and a meta-batch's tasks, under shard_map, by
+  `losses.meta_batch_value_and_grad`)."""
+  return Mesh(np.asarray(jax.devices()), (TASK_AXIS,))
 
 
 def _batch_size(experiment: Experiment, state: TrainState,
@@ -449,7 +452,7 @@ def train(experiment: Experiment, workdir: str, *, settings: Any,
     checkpointer = None  # created with the first write
   state = jax.device_put(state, replicated)
   train_data = jax.device_put(experiment.train_data, replicated)
-  batch_sharding = (NamedSharding(mesh, PartitionSpec('data'))
+  batch_sharding = (NamedSharding(mesh, PartitionSpec(TASK_AXIS))
                     if mesh.size > 1 else None)
   train_step = jax.jit(make_train_step(experiment.objective,
                                        experiment.optimizer, batch_sharding,
