@@ -20,6 +20,7 @@ from absl import flags
 from fewshot import config_flags  # ml_collections', overrides checked
 from fewshot import harness
 from fewshot.checkpoint import ArchitectureMismatch, UnreadableCheckpoints
+from fewshot.config_drift import ConfigDriftError
 from fewshot._utils import quiet_library_logs
 from fewshot.ops import tune_malloc
 
@@ -40,7 +41,7 @@ _DISTRIBUTED = flags.DEFINE_bool(
 
 # Errors whose message names the problem and the fix: printed without a
 # traceback, exit status 1.
-USER_ERRORS = (harness.NonFiniteError, harness.ConfigDriftError,
+USER_ERRORS = (harness.NonFiniteError, ConfigDriftError,
                ArchitectureMismatch, UnreadableCheckpoints, FileNotFoundError)
 
 

@@ -19,6 +19,7 @@ PACKAGE = REPO / 'fewshot'
 UPPER = ('fewshot.builder', 'fewshot.harness', 'fewshot.experiment',
          'fewshot.evaluators', 'fewshot.reports', 'fewshot.workdir',
          'fewshot.checkpoint', 'fewshot.config_args', 'fewshot.signals',
+         'fewshot.config_drift',
          'ml_collections', 'orbax')
 LOWER = ('fewshot.algorithms', 'fewshot.transfer', 'fewshot.backbones',
          'fewshot.data', 'fewshot.ops', 'fewshot.episodes', 'fewshot.heads',

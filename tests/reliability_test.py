@@ -20,6 +20,7 @@ import optax
 import pytest
 
 from fewshot import builder
+from fewshot import config_drift
 from fewshot import harness
 from fewshot import workdir as workdir_lib
 from fewshot.checkpoint import (ArchitectureMismatch, Checkpointer,
@@ -282,7 +283,8 @@ def test_config_drift_is_an_error_unless_allowed(four_steps, tmp_path):
   results = harness.train_and_evaluate(changed, str(workdir),
                                        allow_config_change=True)
   assert results['step'] == 6
-  record, = [json.loads(l) for l in open(workdir / harness.CONFIG_CHANGES)]
+  record, = [json.loads(l)
+             for l in open(workdir / config_drift.CONFIG_CHANGES)]
   assert record['step'] == 4
   assert record['changes'] == {'objective.queries': [2, 3],
                                'optimizer.learning_rate': [0.001, 0.5],
