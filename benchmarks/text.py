@@ -31,6 +31,7 @@ import numpy as np
 import optax
 
 from fewshot import backbones
+from fewshot._utils import tree_size
 from fewshot import peft
 from fewshot.ops import tune_malloc
 
@@ -111,8 +112,8 @@ def bench_jax(repeats: int) -> None:
     full_seconds = full_seconds or seconds
     count = (peft.count_parameters(params['backbone'], state) if rules
              else None)
-    trainable = (count.trainable if count else sum(
-        x.size for x in jax.tree.leaves(params['backbone'])))
+    trainable = (count.trainable if count else
+                 tree_size(params['backbone']))
     emit('minilm_finetune_step', seconds * 1000, 'ms', framework='jax',
          variant=name, batch=TRAIN_BATCH, length=TRAIN_LENGTH,
          trainable_parameters=int(trainable),

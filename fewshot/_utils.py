@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 from typing import Any, Callable, Mapping
+
+import jax
+
+
+def tree_size(tree: Any) -> int:
+  """The number of scalars in a pytree of arrays or `ShapeDtypeStruct`s."""
+  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
 
 
 def check_options(fn: Callable[..., Any], options: Mapping[str, Any],

@@ -30,7 +30,7 @@ _FREE_TO_CHANGE = ('train.log_every', 'train.eval_every',
                    'train.checkpoint_every_secs', 'train.max_checkpoints',
                    'train.tensorboard', 'train.nonfinite',
                    'train.max_consecutive_nonfinite', 'eval.',
-                   'data.manual_dir', 'data.data_dir', 'data.tokenizer_path')
+                   'data.manual_dir', 'data.data_dir')
 CONFIG_CHANGES = 'config_changes.jsonl'
 
 

@@ -22,24 +22,18 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
 from fewshot import builder
+from fewshot._utils import tree_size
 from fewshot import workdir as workdir_lib
 from fewshot.checkpoint import Checkpointer
 from fewshot.experiment import Experiment
-from fewshot.losses import TASK_AXIS
+from fewshot.mesh import TASK_AXIS, task_mesh
 from fewshot.objectives.base import TrainState, init_state, make_train_step
 from fewshot.progress import format_duration
 from fewshot.config_drift import check_config_drift, record_config
 from fewshot.signals import StopSignals
-
-
-def task_mesh() -> Mesh:
-  """A 1-D mesh named 'data' (`losses.TASK_AXIS`) over all devices: the
-  batch axis is split on it (and a meta-batch's tasks, under shard_map, by
-  `losses.meta_batch_value_and_grad`)."""
-  return Mesh(np.asarray(jax.devices()), (TASK_AXIS,))
 
 
 def _batch_size(experiment: Experiment, state: TrainState,
@@ -85,7 +79,7 @@ class _Interval:
   """The steps since the last log line, summed on the device (no host sync).
 
   `sums` adds the metrics of finite steps only; `first_bad` is the first
-  non-finite step (-1: none) and `bad_metrics` its metrics; `run` counts
+  non-finite step (the step count after it; -1: none) and `bad_metrics` its metrics; `run` counts
   the non-finite steps in a row up to the last one, `longest_run` the most.
   """
   sums: Any
@@ -199,21 +193,21 @@ def run_training_loop(train_step: Callable[[TrainState, Any],
       return
     bad = {k: float(v) for k, v in
            jax.device_get(interval.bad_metrics).items()}
-    log.write(first_bad + 1, **{f'train_{k}': v for k, v in bad.items()})
+    log.write(first_bad, **{f'train_{k}': v for k, v in bad.items()})
     checkpointer.wait()
     latest = checkpointer.latest_step()
     kept = (f'the newest checkpoint (step {latest}) is the last one saved'
             if latest is not None else 'no checkpoint had been saved yet')
     if policy == 'stop':
       raise NonFiniteError(
-          f'Training step {first_bad + 1} gave {_nonfinite_names(bad)}; '
+          f'Training step {first_bad} gave {_nonfinite_names(bad)}; '
           f'stopped before saving or validating that state ({kept}). Lower '
           "the learning rate, or set --config.train.nonfinite=skip to drop "
           'such updates.')
     raise NonFiniteError(
         f'{longest} training steps in a row were non-finite (more than '
         f'train.max_consecutive_nonfinite={max_run}), from step '
-        f'{first_bad + 1} with {_nonfinite_names(bad)}; stopped ({kept}).')
+        f'{first_bad} with {_nonfinite_names(bad)}; stopped ({kept}).')
 
   with StopSignals(enabled=jax.process_count() == 1) as stop:
     while step < num_steps:
@@ -226,7 +220,7 @@ def run_training_loop(train_step: Callable[[TrainState, Any],
       if interval is None:
         metrics_shape = metrics_shape or jax.eval_shape(lambda: metrics)
         interval = _Interval.start(metrics_shape, run)
-      interval = _accumulate(interval, metrics, jnp.asarray(step, jnp.int32))
+      interval = _accumulate(interval, metrics, state.step)
       step += 1
       if step % settings.log_every == 0 or step == num_steps:
         check(interval)
@@ -302,10 +296,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                allow_config_change=allow_config_change)
 
 
-def _parameter_count(tree: Any) -> int:
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
-
-
 def train(experiment: Experiment, workdir: str, *, settings: Any,
           config_dict: dict[str, Any], test_at_end: bool = True,
           allow_config_change: bool = False) -> dict[str, Any]:
@@ -351,12 +341,9 @@ def train(experiment: Experiment, workdir: str, *, settings: Any,
   batch_size = _batch_size(experiment, state, mesh.size)
   skip_nonfinite = getattr(settings, 'nonfinite', 'stop') == 'skip'
   devices = jax.devices()
-  logging.info('%d parameters (%d in the model state) on %d %s device(s) '
-               '(%s)%s.', _parameter_count(state.params),
-               _parameter_count(state.model_state), len(devices),
-               devices[0].platform, devices[0].device_kind,
-               f"; {experiment.info['parameters']}"
-               if 'parameters' in experiment.info else '')
+  logging.info('%s on %d %s device(s) (%s).', experiment.info.get(
+      'parameters', f'{tree_size(state.params):,} parameters'), len(devices),
+               devices[0].platform, devices[0].device_kind)
 
   if workdir_lib.has_checkpoints(workdir):
     checkpointer = Checkpointer(workdir_lib.checkpoint_dir(workdir),

@@ -7,20 +7,16 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.sharding import Mesh, PartitionSpec
 
 from fewshot.algorithms.base import Algorithm, MetaParams
 from fewshot.backbones.base import ModelState
 from fewshot.episodes import Episode
+from fewshot.mesh import TASK_AXIS, task_mesh
 from fewshot.peft.backbone import FROZEN
 
 Metrics = dict[str, jax.Array]
-
-# The mesh axis the task axis is split over (the harness's `task_mesh`).
-TASK_AXIS = 'data'
-
 
 def query_logits(algorithm: Algorithm, meta_params: MetaParams,
                  model_state: ModelState, episode: Episode, key: jax.Array,
@@ -167,12 +163,12 @@ def meta_batch_value_and_grad(
 
 
 def _task_mesh(num_tasks: int) -> Mesh | None:
-  """All devices as a 1-D `TASK_AXIS` mesh, if several and they divide the
-  tasks (as `fewshot.harness.task_mesh`, which splits the batch on it)."""
-  devices = jax.devices()
-  if len(devices) == 1 or num_tasks % len(devices):
+  """`fewshot.mesh.task_mesh()` (the harness's), if it has several devices
+  and they divide the tasks."""
+  devices = jax.device_count()
+  if devices == 1 or num_tasks % devices:
     return None
-  return Mesh(np.asarray(devices), (TASK_AXIS,))
+  return task_mesh()
 
 
 def _split_over_tasks(fn, mesh: Mesh):

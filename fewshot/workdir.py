@@ -54,14 +54,6 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
   os.replace(tmp, path)
 
 
-def write_config_once(workdir: str | os.PathLike,
-                      config: Mapping[str, Any]) -> None:
-  """`config.json`, unless the workdir has one (the run's first config)."""
-  path = os.path.join(workdir, CONFIG)
-  if not os.path.exists(path):
-    write_json_atomic(path, dict(config))
-
-
 _NON_FINITE = {'NaN': float('nan'), 'Infinity': float('inf'),
                '-Infinity': float('-inf')}
 
@@ -305,4 +297,4 @@ def load_head(path: str | os.PathLike) -> dict[str, jax.Array] | None:
 __all__ = ['CHECKPOINTS', 'CONFIG', 'METRICS', 'MetricsLog', 'checkpoint_dir',
            'has_checkpoints', 'load_backbone', 'load_head', 'read_metrics',
            'stored_backbone_name', 'restore_state',
-           'write_config_once', 'write_json_atomic']
+           'write_json_atomic']

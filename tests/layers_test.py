@@ -26,7 +26,7 @@ LOWER = ('fewshot.algorithms', 'fewshot.transfer', 'fewshot.backbones',
          'fewshot.stats', 'fewshot.optimizers', 'fewshot.losses',
          'fewshot.features', 'fewshot.objectives', 'fewshot.metric',
          'fewshot.multitask', 'fewshot.adaptation', 'fewshot.distillation',
-         'fewshot.peft', 'fewshot.progress', 'fewshot.records')
+         'fewshot.peft', 'fewshot.progress', 'fewshot.records', 'fewshot.mesh')
 
 
 def _module_name(path: pathlib.Path) -> str:

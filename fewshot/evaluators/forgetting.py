@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fewshot._utils import tree_size
 from fewshot.algorithms.baselines import fine_tune
 from fewshot.backbones.base import Backbone
 from fewshot.data.dataset import ClassDataset
@@ -114,7 +115,7 @@ def forgetting_report(
       count = count_parameters(params, state)
       trainable, total = count.trainable, count.total
     else:
-      total = sum(x.size for x in jax.tree.leaves(params))
+      total = tree_size(params)
       trainable = 0 if transform is None else total
     algorithm = fine_tune(
         wrapped, steps=steps, head_learning_rate=head_learning_rate,

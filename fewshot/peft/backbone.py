@@ -21,11 +21,11 @@ model.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 
+from fewshot._utils import tree_size
 from fewshot.backbones.base import Backbone, ModelState, Params
 from fewshot.peft import adapters as adapters_lib
 from fewshot.peft import lora
@@ -320,10 +320,6 @@ class ParameterCount(NamedTuple):
             f'({100 * self.fraction:.2f}%)')
 
 
-def _size(tree: Any) -> int:
-  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
-
-
 def count_parameters(params: Params, model_state: ModelState
                      ) -> ParameterCount:
   """Counts a PEFT model's parameters (arrays or `jax.ShapeDtypeStruct`s).
@@ -337,8 +333,8 @@ def count_parameters(params: Params, model_state: ModelState
     `ParameterCount(trainable, total)`, total = trainable + frozen.
   """
   frozen, _ = _split_state(model_state)
-  trainable = _size(params)
-  return ParameterCount(trainable=trainable, total=trainable + _size(frozen))
+  trainable = tree_size(params)
+  return ParameterCount(trainable=trainable, total=trainable + tree_size(frozen))
 
 
 __all__ = ['FROZEN', 'PARTS', 'ParameterCount', 'count_parameters',
