@@ -31,6 +31,7 @@ from fewshot.checkpoint import Checkpointer
 from fewshot.experiment import Experiment
 from fewshot.mesh import TASK_AXIS, task_mesh
 from fewshot.objectives.base import TrainState, init_state, make_train_step
+from fewshot.ops.paths import selected_paths
 from fewshot.progress import format_duration
 from fewshot.config_drift import check_config_drift, record_config
 from fewshot.signals import StopSignals
@@ -341,9 +342,11 @@ def train(experiment: Experiment, workdir: str, *, settings: Any,
   batch_size = _batch_size(experiment, state, mesh.size)
   skip_nonfinite = getattr(settings, 'nonfinite', 'stop') == 'skip'
   devices = jax.devices()
-  logging.info('%s on %d %s device(s) (%s).', experiment.info.get(
-      'parameters', f'{tree_size(state.params):,} parameters'), len(devices),
-               devices[0].platform, devices[0].device_kind)
+  logging.info('%s on %d %s device(s) (%s), %s code paths.',
+               experiment.info.get('parameters',
+                                   f'{tree_size(state.params):,} parameters'),
+               len(devices), devices[0].platform, devices[0].device_kind,
+               selected_paths())
 
   if workdir_lib.has_checkpoints(workdir):
     checkpointer = Checkpointer(workdir_lib.checkpoint_dir(workdir),

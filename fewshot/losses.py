@@ -14,6 +14,7 @@ from fewshot.algorithms.base import Algorithm, MetaParams
 from fewshot.backbones.base import ModelState
 from fewshot.episodes import Episode
 from fewshot.mesh import TASK_AXIS, task_mesh
+from fewshot.ops import paths
 from fewshot.peft.backbone import FROZEN
 
 Metrics = dict[str, jax.Array]
@@ -113,7 +114,8 @@ def meta_batch_value_and_grad(
   (`[T, ...]` per parameter) and averaged over tasks by
   `_mean_over_tasks`; without it, it is `jax.value_and_grad` of the mean
   loss. The default (None) is per task on CPU, where it is faster, and the
-  mean loss's gradient elsewhere (not measured there). The episodic
+  mean loss's gradient elsewhere (not measured there); `fewshot.ops.paths`
+  can force either. The episodic
   objective trains with it.
 
   On several devices each runs its own `T / D` tasks under `shard_map`
@@ -135,7 +137,7 @@ def meta_batch_value_and_grad(
     `meta_params`.
   """
   if per_task is None:
-    per_task = jax.default_backend() == 'cpu'
+    per_task = paths.cpu_paths()
   num_tasks = episodes.support_labels.shape[0]
   keys = jax.random.split(key, num_tasks)
 

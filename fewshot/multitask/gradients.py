@@ -19,6 +19,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from fewshot.ops import paths
+
 Params = Any
 
 
@@ -33,14 +35,14 @@ def task_gradients(losses_fn: Callable[[Params], tuple[jax.Array, Any]],
   one-hot cotangents: `vmap`ped (`batched=True`, the default off CPU) or
   as `T` pullbacks in the one compiled program (the CPU default: XLA:CPU
   ran the vmapped backward of a Conv-4 1.6x slower than two pullbacks;
-  see WORKSPACE.md, Performance).
+  see WORKSPACE.md, Performance); `fewshot.ops.paths` can force either.
   """
   losses, vjp, aux = jax.vjp(losses_fn, params, has_aux=True)
   if losses.ndim != 1:
     raise ValueError(f'losses_fn must return [T] task losses, got shape '
                      f'{losses.shape}.')
   if batched is None:
-    batched = jax.default_backend() != 'cpu'
+    batched = not paths.cpu_paths()
   basis = jnp.eye(losses.shape[0], dtype=losses.dtype)
   if batched:
     (grads,) = jax.vmap(vjp)(basis)

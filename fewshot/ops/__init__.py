@@ -5,9 +5,11 @@ import sys
 
 from fewshot.ops.conv import conv2d
 from fewshot.ops.depthwise import depthwise_conv2d
+from fewshot.ops.paths import force_paths
 from fewshot.ops.pool import affine_relu_max_pool, max_pool_2x2
 
-__all__ = ['affine_relu_max_pool', 'conv2d', 'depthwise_conv2d', 'max_pool_2x2', 'tune_malloc']
+__all__ = ['affine_relu_max_pool', 'conv2d', 'depthwise_conv2d', 'force_paths',
+           'max_pool_2x2', 'tune_malloc']
 
 
 def tune_malloc() -> bool:

@@ -31,12 +31,15 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from fewshot.ops.paths import cpu_paths
+
 Padding = Union[str, Sequence[tuple[int, int]]]
 _Pads = tuple[tuple[int, int], tuple[int, int]]
 _DIMS = ('NHWC', 'HWIO', 'NHWC')
 
-# Which implementation `conv2d` uses: 'auto' (fast path on CPU only),
-# 'cpu' (the fast path on any backend; for tests) or 'xla' (plain lax ops).
+# Which implementation `conv2d` uses: 'auto' (the fast path where
+# `fewshot.ops.paths` selects the CPU paths: on CPU unless forced), 'cpu' (the
+# fast path on any backend; for tests) or 'xla' (plain lax ops).
 IMPLS = ('auto', 'cpu', 'xla')
 
 
@@ -278,7 +281,7 @@ def _use_fast_path(impl: str) -> bool:
   if impl not in IMPLS:
     raise ValueError(f'impl must be one of {IMPLS}, got {impl!r}')
   if impl == 'auto':
-    return jax.default_backend() == 'cpu'
+    return cpu_paths()
   return impl == 'cpu'
 
 
@@ -295,8 +298,9 @@ def conv2d(images: jax.Array, kernel: jax.Array, *, padding: Padding = 'SAME',
     kernel: `[kh, kw, I, O]`, same dtype.
     padding: 'SAME' (output H x W), 'VALID', or ((lo_h, hi_h), (lo_w, hi_w))
       with 0 <= lo, hi <= k - 1.
-    impl: 'auto' (custom-gradient path on CPU, plain lax elsewhere), 'cpu'
-      (custom path on any backend) or 'xla' (plain lax everywhere).
+    impl: 'auto' (custom-gradient path on CPU, plain lax elsewhere, unless
+      `fewshot.ops.paths.force_paths` says otherwise), 'cpu' (custom path on
+      any backend) or 'xla' (plain lax everywhere).
   """
   if images.ndim != 4 or kernel.ndim != 4:
     raise ValueError(f'conv2d expects [B,H,W,I] and [kh,kw,I,O], got '

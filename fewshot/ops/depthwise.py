@@ -129,7 +129,8 @@ def depthwise_conv2d(images: jax.Array, kernel: jax.Array, *,
     kernel: `[kh, kw, 1, C]`.
     strides: the same stride along H and W.
     padding: `((lo_h, hi_h), (lo_w, hi_w))`, non-negative.
-    impl: 'auto' (shifted sums on CPU, lax elsewhere), 'cpu' or 'xla'.
+    impl: 'auto' (shifted sums on CPU, lax elsewhere; see
+      `fewshot.ops.paths`), 'cpu' or 'xla'.
   """
   if images.ndim != 4 or kernel.ndim != 4 or kernel.shape[2] != 1:
     raise ValueError(f'depthwise_conv2d expects [B,H,W,C] and [kh,kw,1,C], '
