@@ -41,10 +41,20 @@ alone. Per setting it prints, one JSON line each:
 `--compile_only` prints just the first two (no steps run): a cheap check of
 what fits in memory before running.
 
+With `--torch` each setting's process also starts benchmarks/torch_maml.py
+--serve: `maml_torch_check` records compare every PyTorch variant's
+meta-loss and meta-gradient with JAX's on the same weights and 4 tasks
+(float64, the setting's order, at most 2 inner steps; the run stops if one
+differs by more than 1e-6), then the `--steps` timed meta-batches alternate JAX and each
+variant, one meta-batch each, so drift falls on both alike.
+`torch_maml_train` gives each variant's tasks/s (or `unavailable` and why),
+`maml_vs_torch` JAX against the fastest variant. The parent prints a
+`machine` record first (CPU model, cores, measured fp32 matmul GFLOP/s).
+
 Run from the repo root:
   python benchmarks/maml.py                      # all JAX settings
-  python benchmarks/maml.py --torch              # also benchmarks/torch_maml.py
-                                                 # and the JAX/PyTorch ratios
+  python benchmarks/maml.py --torch              # also every variant of
+                                                 # benchmarks/torch_maml.py
   python benchmarks/maml.py --settings so1 --steps 1     # one quick setting
 """
 
@@ -58,6 +68,7 @@ import re
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -69,17 +80,19 @@ from fewshot.algorithms import maml
 from fewshot.algorithms.base import Algorithm
 from fewshot.data import sampling
 from fewshot.data.synthetic import synthetic_splits
-from fewshot.losses import episode_loss
+from fewshot.losses import episode_loss, meta_batch_value_and_grad
 from fewshot.ops import tune_malloc
 from fewshot.objectives import (Objective, episodic, init_state,
                                 make_train_step)
 from fewshot.optimizers import make_optimizer
+from torch_peer import TorchPeer, cpu_model  # benchmarks/torch_peer.py
 
 WAYS, SHOTS, QUERIES = 5, 1, 15
 META_BATCH = 32
 INNER_LEARNING_RATE = 0.4
 SETTING_PATTERN = re.compile(r'^(so|fo)(_remat)?(_map)?(\d+)?$')
 ORDERS = {'so': 'second', 'fo': 'first'}
+CODES = {order: code for code, order in ORDERS.items()}
 MEGABYTE = 1024 * 1024
 
 
@@ -180,11 +193,7 @@ def run_setting(setting: str, args: argparse.Namespace,
   splits = synthetic_splits(num_classes=(64, 5, 5), images_per_class=20,
                             image_size=28, channels=1)
   train_data = sampling.to_device(splits['train'])
-  algorithm = maml(backbones.create('conv4', norm='batch'), num_ways=WAYS,
-                   inner_steps=fields['inner_steps'],
-                   inner_learning_rate=INNER_LEARNING_RATE,
-                   first_order=fields['order'] == 'first',
-                   remat=fields['remat'])
+  algorithm = algorithm_for(setting)
   optimizer = make_optimizer(name='adam', learning_rate=1e-3)
   spec = sampling.EpisodeSpec(WAYS, SHOTS, QUERIES)
   if fields['task_batching'] == 'lax.map':
@@ -211,12 +220,26 @@ def run_setting(setting: str, args: argparse.Namespace,
   for _ in range(args.warmup):
     state, metrics = compiled(state, train_data)
   jax.block_until_ready(state)
+  peer = TorchPeer('torch_maml.py', args.torch_threads) if args.torch else None
+  torch_seconds, torch_failed = {}, {}
+  if peer:
+    records += torch_check(peer, setting, fields)
+    for variant in peer('variants')['variants']:
+      torch_seconds[variant] = []
   seconds = []
-  for _ in range(args.steps):
+  for _ in range(args.steps):  # with --torch: JAX and each variant in turn
     start = time.perf_counter()
     state, metrics = compiled(state, train_data)
     jax.block_until_ready(state)
     seconds.append(time.perf_counter() - start)
+    for variant in list(torch_seconds):
+      try:
+        torch_seconds[variant].append(peer('step', variant=variant,
+                                           setting=torch_setting(setting))
+                                      ['seconds'])
+      except RuntimeError as error:  # e.g. compile's double backward
+        torch_failed[variant] = str(error)
+        del torch_seconds[variant]
   peak_mb = peak_rss_mb()
   loss = float(metrics['loss'])
   if not np.isfinite(loss):
@@ -235,7 +258,140 @@ def run_setting(setting: str, args: argparse.Namespace,
                       after_compile_mb=round(after_compile_mb, 1),
                       run_increase_mb=run_increase_mb,
                       peak_mb=round(peak_mb, 1), **fields))
+  if peer:
+    records += torch_records(torch_seconds, torch_failed, median, fields,
+                             peer('rss')['peak_rss_mb'])
+    peer.close()
   return records
+
+
+def algorithm_for(setting: str, inner_steps: int | None = None) -> Algorithm:
+  """The setting's MAML (optionally with another number of inner steps)."""
+  fields = describe(setting)
+  return maml(backbones.create('conv4', norm='batch'), num_ways=WAYS,
+              inner_steps=inner_steps or fields['inner_steps'],
+              inner_learning_rate=INNER_LEARNING_RATE,
+              first_order=fields['order'] == 'first', remat=fields['remat'])
+
+
+def torch_setting(setting: str) -> str:
+  """'so_remat10' -> torch_maml.py's 'so10' (remat and lax.map are JAX's)."""
+  fields = describe(setting)
+  return f"{CODES[fields['order']]}{fields['inner_steps']}"
+
+
+def torch_check(peer: TorchPeer, setting: str, fields: dict) -> list[dict]:
+  """Every PyTorch variant's meta-loss and meta-gradient against JAX's.
+
+  In float64, on 4 tasks with the setting's order and (at most 2, to keep
+  the float64 compile short) inner steps. In
+  float32 the two differ by ~1e-2 relative in the first kernel's gradient
+  (and JAX's own cpu and accelerator code paths differ from each other as
+  much): inner steps at learning rate 0.4 take the support loss from 1.6 to
+  4-5 and amplify rounding. In float64 all agree to ~1e-14, so a difference
+  above 1e-6 is a real one and exits.
+  """
+  with jax.enable_x64(True):
+    return _torch_check_x64(peer, setting, fields)
+
+
+def _torch_check_x64(peer: TorchPeer, setting: str,
+                     fields: dict) -> list[dict]:
+  inner_steps = min(describe(setting)['inner_steps'], 2)
+  algorithm = algorithm_for(setting, inner_steps)
+  splits = synthetic_splits(num_classes=(16, 2, 2), images_per_class=20,
+                            image_size=28, channels=1)
+  data = sampling.to_device(splits['train'])
+  spec = sampling.EpisodeSpec(WAYS, SHOTS, QUERIES)
+  episodes = sampling.sample_meta_batch(jax.random.key(11), data, spec, 4)
+  # Class-major episodes, as torch_maml.py's labels.
+  order = jnp.argsort(episodes.support_labels, axis=1, stable=True)
+  support = jnp.take_along_axis(episodes.support_images,
+                                order[..., None, None, None], axis=1)
+  query_order = jnp.argsort(episodes.query_labels, axis=1, stable=True)
+  query = jnp.take_along_axis(episodes.query_images,
+                              query_order[..., None, None, None], axis=1)
+  support = support.astype(jnp.float64) / 255.0
+  query = query.astype(jnp.float64) / 255.0
+  episodes = episodes.replace(
+      support_images=support, query_images=query,
+      support_labels=jnp.sort(episodes.support_labels, axis=1),
+      query_labels=jnp.sort(episodes.query_labels, axis=1))
+  params, model_state = algorithm.init(jax.random.key(12), support[0])
+  params, model_state = jax.tree.map(lambda x: x.astype(jnp.float64),
+                                     (params, model_state))
+  (loss, _), grads = jax.jit(lambda p: meta_batch_value_and_grad(
+      algorithm, p, model_state, episodes, jax.random.key(13)))(params)
+  arrays = {'support': support, 'query': query, 'loss': loss,
+            'setting': np.array(f"{CODES[fields['order']]}{inner_steps}")}
+  for prefix, tree in (('', params), ('grad/', grads)):
+    for group in ('backbone', 'head'):
+      if group == 'head':
+        for name, value in tree['head'].items():
+          arrays[f'{prefix}head/{name}'] = value
+        continue
+      for layer, leaves in tree['backbone'].items():
+        for name, value in leaves.items():
+          arrays[f'{prefix}{layer}/{name}'] = value
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, 'check.npz')
+    np.savez(path, **{k: np.asarray(v) for k, v in arrays.items()})
+    errors = peer('check', npz=path)['errors']
+  records, bad = [], {}
+  for variant, error in errors.items():
+    if 'error' in error:
+      records.append(emit('maml_torch_check', float('nan'), 'relative error',
+                          variant=variant, unavailable=error['error'],
+                          **fields))
+      continue
+    worst = max(error.values())
+    records.append(emit('maml_torch_check', worst, 'relative error',
+                        variant=variant,
+                        **{k: float(f'{v:.3g}') for k, v in error.items()},
+                        **fields))
+    if worst > 1e-6:
+      bad[variant] = error
+  if bad:
+    sys.exit(f'PyTorch and JAX compute different meta-gradients: {bad}')
+  return records
+
+
+def torch_records(torch_seconds: dict, torch_failed: dict, jax_median: float,
+                  fields: dict, torch_peak_rss_mb: float) -> list[dict]:
+  """Each variant's time (or why it has none) and JAX against the fastest."""
+  records = []
+  for variant, reason in torch_failed.items():
+    records.append(emit('torch_maml_train', float('nan'), 'tasks/s',
+                        variant=variant, unavailable=reason, **fields))
+  medians = {v: float(np.median(t)) for v, t in torch_seconds.items() if t}
+  for variant, median in medians.items():
+    records.append(emit('torch_maml_train', META_BATCH / median, 'tasks/s',
+                        variant=variant,
+                        ms_per_meta_batch=round(1e3 * median, 1),
+                        min_ms_per_meta_batch=round(
+                            1e3 * min(torch_seconds[variant]), 1),
+                        **fields))
+  if medians:
+    fastest = min(medians, key=medians.get)
+    records.append(emit(
+        'maml_vs_torch', medians[fastest] / jax_median, 'x',
+        torch_variant=fastest, torch_ms=round(1e3 * medians[fastest], 1),
+        jax_ms=round(1e3 * jax_median, 1),
+        torch_peak_rss_mb=round(torch_peak_rss_mb, 1), **fields))
+  return records
+
+
+def peak_matmul_gflops(size: int = 2048) -> float:
+  """Measured fp32 matmul rate (median of 10), the machine's yardstick."""
+  a = jnp.ones((size, size), jnp.float32)
+  matmul = jax.jit(lambda x: x @ x)
+  jax.block_until_ready(matmul(a))
+  times = []
+  for _ in range(10):
+    start = time.perf_counter()
+    jax.block_until_ready(matmul(a))
+    times.append(time.perf_counter() - start)
+  return 2 * size ** 3 / float(np.median(times)) / 1e9
 
 
 def library_fusions(compiled) -> dict[str, int]:
@@ -277,7 +433,10 @@ def run_in_subprocesses(settings: list[str],
   records = []
   for setting in settings:
     command = [sys.executable, __file__, '--settings', setting,
-               '--steps', str(args.steps), '--warmup', str(args.warmup)]
+               '--steps', str(args.steps), '--warmup', str(args.warmup),
+               '--torch_threads', str(args.torch_threads)]
+    if args.torch:
+      command.append('--torch')
     if args.compile_only:
       command.append('--compile_only')
     result = subprocess.run(command, capture_output=True, text=True)
@@ -289,47 +448,6 @@ def run_in_subprocesses(settings: list[str],
       print(f'{setting} failed (exit {result.returncode}):\n'
             f'{result.stderr[-2000:]}', file=sys.stderr, flush=True)
   return records
-
-
-def run_torch(jax_records: list[dict], args: argparse.Namespace) -> None:
-  """benchmarks/torch_maml.py for the same orders and steps, and the ratios."""
-  wanted = sorted({(r['order'], r['inner_steps']) for r in jax_records
-                   if r['benchmark'] == 'maml_train'})
-  if not wanted:
-    return
-  codes = {order: code for code, order in ORDERS.items()}
-  script = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                        'torch_maml.py')
-  command = [sys.executable, script,
-             '--settings', ','.join(f'{codes[o]}{s}' for o, s in wanted),
-             '--threads', str(args.torch_threads),
-             '--steps', str(args.torch_steps or args.steps),
-             '--warmup', str(args.warmup)]
-  result = subprocess.run(command, capture_output=True, text=True)
-  torch_rates = {}
-  for line in result.stdout.splitlines():
-    if not line.startswith('{'):
-      continue
-    print(line, flush=True)
-    record = json.loads(line)
-    if record['benchmark'] == 'torch_maml_train':
-      torch_rates[(record['order'], record['inner_steps'])] = record
-  if result.returncode != 0:
-    print(f'torch_maml.py failed (exit {result.returncode}):\n'
-          f'{result.stderr[-2000:]}', file=sys.stderr, flush=True)
-  for record in jax_records:
-    if record['benchmark'] != 'maml_train':
-      continue
-    torch_record = torch_rates.get((record['order'], record['inner_steps']))
-    if torch_record is None:
-      continue
-    emit('maml_vs_torch', record['value'] / torch_record['value'], 'x',
-         setting=record['setting'], inner_steps=record['inner_steps'],
-         order=record['order'], remat=record['remat'],
-         task_batching=record['task_batching'], meta_batch=META_BATCH,
-         jax_tasks_per_s=record['value'],
-         torch_tasks_per_s=torch_record['value'],
-         torch_threads=torch_record['threads'], cpus=record['cpus'])
 
 
 def main() -> None:
@@ -347,11 +465,10 @@ def main() -> None:
                       help='only compile: compile time and XLA memory, no '
                       'steps run (to check what fits before running)')
   parser.add_argument('--torch', action='store_true',
-                      help='also run benchmarks/torch_maml.py and print the '
-                      'JAX/PyTorch tasks/s ratios')
+                      help='also check and time every variant of '
+                      'benchmarks/torch_maml.py, alternating with JAX, and '
+                      'print the ratio to the fastest')
   parser.add_argument('--torch_threads', type=int, default=2)
-  parser.add_argument('--torch_steps', type=int, default=0,
-                      help='timed meta-batches for PyTorch (default --steps)')
   args = parser.parse_args()
   if args.steps < 1:
     parser.error('--steps must be >= 1.')
@@ -364,11 +481,12 @@ def main() -> None:
                    device=jax.devices()[0].device_kind,
                    cpus=os.cpu_count(), host=platform.machine(),
                    xla_flags=os.environ.get('XLA_FLAGS', ''))
-    records = run_setting(settings[0], args, machine)
+    run_setting(settings[0], args, machine)
   else:
-    records = run_in_subprocesses(settings, args)
-  if args.torch:
-    run_torch(records, args)
+    emit('machine', os.cpu_count(), 'cpus', cpu=cpu_model(),
+         jax_matmul_gflops=round(peak_matmul_gflops(), 1),
+         backend=jax.default_backend())
+    run_in_subprocesses(settings, args)
 
 
 if __name__ == '__main__':
