@@ -85,7 +85,7 @@ from fewshot.ops import tune_malloc
 from fewshot.objectives import (Objective, episodic, init_state,
                                 make_train_step)
 from fewshot.optimizers import make_optimizer
-from torch_peer import TorchPeer, cpu_model  # benchmarks/torch_peer.py
+from torch_peer import PeerExited, TorchPeer, cpu_model  # benchmarks/ (sys.path)
 
 WAYS, SHOTS, QUERIES = 5, 1, 15
 META_BATCH = 32
@@ -237,6 +237,10 @@ def run_setting(setting: str, args: argparse.Namespace,
         torch_seconds[variant].append(peer('step', variant=variant,
                                            setting=torch_setting(setting))
                                       ['seconds'])
+      except PeerExited as error:  # e.g. killed for memory: go on without
+        torch_failed[variant] = str(error)
+        del torch_seconds[variant]
+        peer.restart()
       except RuntimeError as error:  # e.g. compile's double backward
         torch_failed[variant] = str(error)
         del torch_seconds[variant]
