@@ -33,7 +33,7 @@ from fewshot import backbones
 from fewshot.data.batches import LabelledImages
 from fewshot.objectives import adaptation, distillation, init_state
 from fewshot.objectives import make_train_step, supervised
-from fewshot.ops import tune_malloc
+from fewshot.ops import tune_cpu
 
 BATCH, IMAGES = 64, 2048
 METHODS = ('source_only', 'dann', 'cdan_e', 'mcc')
@@ -200,7 +200,7 @@ def main() -> None:
   parser.add_argument('--threads', type=int, default=2)
   parser.add_argument('--skip_torch', action='store_true')
   args = parser.parse_args()
-  tune_malloc()
+  tune_cpu()
   emit('machine', 0, '', cpu=platform.processor() or platform.machine(),
        devices=str(jax.devices()))
   bench_adaptation(args.steps, args.repeats)

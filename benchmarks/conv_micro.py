@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from typing import Callable
 
@@ -29,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from fewshot.ops import conv2d, max_pool_2x2, tune_malloc
+from fewshot.ops import conv2d, max_pool_2x2, tune_malloc, tune_xla_cpu
 
 # (H=W, in channels, out channels) of the four Conv-4 convs at 28x28.
 LAYERS = ((28, 1, 64), (14, 64, 64), (7, 64, 64), (3, 64, 64))
@@ -120,7 +121,9 @@ def main() -> None:
     import torch  # pylint: disable=import-outside-toplevel
     torch.set_num_threads(args.torch_threads)
   malloc = bool(args.tune_malloc) and tune_malloc()
-  common = {'backend': jax.default_backend(), 'tune_malloc': malloc}
+  tune_xla_cpu()  # before any JAX computation; $FEWSHOT_TUNE_XLA_CPU=0: not
+  common = {'backend': jax.default_backend(), 'tune_malloc': malloc,
+            'xla_flags': os.environ.get('XLA_FLAGS', '')}
   rng = np.random.default_rng(0)
 
   n = 2048

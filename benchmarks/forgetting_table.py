@@ -37,7 +37,7 @@ from fewshot.backbones import pretrained_weights
 from fewshot.data.dataset import ClassDataset
 from fewshot.data.domains import load_domain
 from fewshot.evaluators.forgetting import forgetting_report, rows_as_dicts
-from fewshot.ops import tune_malloc
+from fewshot.ops import tune_cpu
 
 LORA_TARGETS = ('blocks_[0-9]+/(expand|project)_conv', 'head_conv')
 ADAPTER_PATHS = ('blocks_3', 'blocks_7', 'blocks_11', 'blocks_15')
@@ -104,7 +104,7 @@ def main() -> None:
   parser.add_argument('--out', type=pathlib.Path, default=None)
   parser.add_argument('--plot', action='store_true')
   args = parser.parse_args()
-  tune_malloc()
+  tune_cpu()
   manual_dir = pathlib.Path(os.environ.get('FEWSHOT_MANUAL_DIR',
                                            '../shared/data'))
   source_images, source_labels = tiny_imagenet_source(

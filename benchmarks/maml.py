@@ -81,7 +81,7 @@ from fewshot.algorithms.base import Algorithm
 from fewshot.data import sampling
 from fewshot.data.synthetic import synthetic_splits
 from fewshot.losses import episode_loss, meta_batch_value_and_grad
-from fewshot.ops import tune_malloc
+from fewshot.ops import tune_cpu
 from fewshot.objectives import (Objective, episodic, init_state,
                                 make_train_step)
 from fewshot.optimizers import make_optimizer
@@ -478,9 +478,9 @@ def main() -> None:
     parser.error('--steps must be >= 1.')
   inner_steps = [int(s) for s in args.inner_steps.split(',') if s]
   settings = expand_settings(args.settings, inner_steps)
+  tune_cpu()  # before any JAX computation; subprocesses inherit XLA_FLAGS
 
   if len(settings) == 1:
-    tune_malloc()  # before any JAX computation
     machine = dict(backend=jax.default_backend(),
                    device=jax.devices()[0].device_kind,
                    cpus=os.cpu_count(), host=platform.machine(),
@@ -489,7 +489,8 @@ def main() -> None:
   else:
     emit('machine', os.cpu_count(), 'cpus', cpu=cpu_model(),
          jax_matmul_gflops=round(peak_matmul_gflops(), 1),
-         backend=jax.default_backend())
+         backend=jax.default_backend(),
+         xla_flags=os.environ.get('XLA_FLAGS', ''))
     run_in_subprocesses(settings, args)
 
 

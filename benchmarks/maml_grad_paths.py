@@ -27,7 +27,7 @@ from fewshot import backbones, losses
 from fewshot.algorithms import maml
 from fewshot.data import sampling
 from fewshot.data.synthetic import synthetic_splits
-from fewshot.ops import tune_malloc
+from fewshot.ops import tune_cpu
 from fewshot.objectives import episodic, init_state, make_train_step
 from fewshot.optimizers import make_optimizer
 
@@ -45,7 +45,7 @@ def main() -> None:
   parser.add_argument('--queries', type=int, default=15)
   parser.add_argument('--repeats', type=int, default=6)
   args = parser.parse_args()
-  tune_malloc()
+  tune_cpu()
   splits = synthetic_splits(num_classes=(64, 5, 5), images_per_class=20,
                             image_size=28, channels=1)
   data = sampling.to_device(splits['train'])

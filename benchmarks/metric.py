@@ -35,7 +35,7 @@ from fewshot.metric.retrieval import retrieval_metrics
 from fewshot.features import extract_features
 from fewshot.objectives import init_state, make_train_step
 from fewshot.objectives.metric import metric as metric_objective
-from fewshot.ops import tune_malloc
+from fewshot.ops import tune_cpu
 from fewshot.optimizers import make_optimizer
 
 P, K, D, C = 32, 4, 128, 1000
@@ -218,7 +218,7 @@ def main() -> None:
   parser.add_argument('--train_losses', default='triplet,multi_similarity,'
                       'supcon,proxy_anchor,arcface')
   args = parser.parse_args()
-  tune_malloc()
+  tune_cpu()
   emit('machine', 0, '', cpu=platform.processor() or platform.machine(),
        devices=str(jax.devices()), jax=jax.__version__)
   bench_losses(args.repeats, not args.no_torch)

@@ -35,7 +35,7 @@ from fewshot.data.batches import MultiLabelImages
 from fewshot.multitask import make_weighting
 from fewshot.objectives import init_state, make_train_step
 from fewshot.objectives.multitask import Stream, Task, multitask
-from fewshot.ops import tune_malloc
+from fewshot.ops import tune_cpu
 
 BATCH, IMAGES, FILTERS, SIZE = 256, 4096, 32, 36
 METHODS = {'equal': {}, 'fixed': None, 'uncertainty': {},
@@ -191,7 +191,7 @@ def main() -> None:
   parser.add_argument('--tasks', default='2,3')
   parser.add_argument('--skip_torch', action='store_true')
   args = parser.parse_args()
-  tune_malloc()
+  tune_cpu()
   emit('machine', 0, '', cpu=platform.processor() or platform.machine(),
        devices=str(jax.devices()))
   for num_tasks in map(int, args.tasks.split(',')):

@@ -42,7 +42,7 @@ from fewshot.episodes import Episode
 from fewshot.evaluators import episode_accuracies
 from fewshot.losses import episode_loss
 from fewshot.objectives import episodic, init_state, make_train_step
-from fewshot.ops import tune_malloc
+from fewshot.ops import tune_cpu
 from fewshot.optimizers import make_optimizer
 from torch_peer import TorchPeer, cpu_model  # benchmarks/torch_peer.py
 
@@ -125,10 +125,11 @@ def main() -> None:
                       'benchmarks/torch_protonet.py)')
   parser.add_argument('--torch_threads', type=int, default=2)
   args = parser.parse_args()
-  tune_malloc()
+  tune_cpu()
   machine = dict(backend=jax.default_backend(),
                  device=jax.devices()[0].device_kind,
-                 cpus=os.cpu_count(), host=platform.machine())
+                 cpus=os.cpu_count(), host=platform.machine(),
+                 xla_flags=os.environ.get('XLA_FLAGS', ''))
 
   splits = synthetic_splits(num_classes=(100, 2, 100), images_per_class=20)
   train_data = sampling.to_device(splits['train'])

@@ -33,7 +33,7 @@ import optax
 from fewshot import backbones
 from fewshot._utils import tree_size
 from fewshot import peft
-from fewshot.ops import tune_malloc
+from fewshot.ops import tune_cpu
 
 LORA_TARGETS = ('layer_[0-9]+/attention/(query|value)',)
 BATCH, TRAIN_BATCH, TRAIN_LENGTH, CLASSES = 64, 32, 64, 77
@@ -210,7 +210,7 @@ def main() -> None:
   parser.add_argument('--repeats', type=int, default=5)
   parser.add_argument('--skip_torch', action='store_true')
   args = parser.parse_args()
-  tune_malloc()
+  tune_cpu()
   emit('machine', 0, 'none', processor=platform.processor() or
        platform.machine(), devices=str(jax.devices()))
   bench_jax(args.repeats)

@@ -28,7 +28,7 @@ from fewshot.algorithms import linear_probe, protonet
 from fewshot.data import sampling
 from fewshot.data.synthetic import synthetic_splits
 from fewshot.evaluators import episode_accuracies
-from fewshot.ops import tune_malloc
+from fewshot.ops import tune_cpu
 
 # name:input_size -> (create options, stored image shape)
 BACKBONES = {
@@ -72,10 +72,11 @@ def main() -> None:
   parser.add_argument('--episodes', type=int, default=600)
   parser.add_argument('--repeats', type=int, default=3)
   args = parser.parse_args()
-  tune_malloc()
+  tune_cpu()
   machine = dict(backend=jax.default_backend(),
                  device=jax.devices()[0].device_kind,
-                 cpus=os.cpu_count(), host=platform.machine())
+                 cpus=os.cpu_count(), host=platform.machine(),
+                 xla_flags=os.environ.get('XLA_FLAGS', ''))
   rng = np.random.default_rng(0)
 
   for key in args.backbones.split(','):

@@ -29,7 +29,7 @@ from fewshot._utils import quiet_library_logs
 from fewshot.checkpoint import ArchitectureMismatch, UnreadableCheckpoints
 from fewshot.records import config_differences
 from fewshot.evaluators import workdir as evaluation
-from fewshot.ops import tune_malloc
+from fewshot.ops import tune_cpu
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config.',
                                           lock_config=True)
@@ -87,7 +87,7 @@ def main(argv: Sequence[str]) -> None:
 
 def _evaluate() -> None:
   quiet_library_logs()
-  tune_malloc()  # before any JAX work; see fewshot/ops/__init__.py
+  tune_cpu()  # before any JAX work; see fewshot/ops/__init__.py
   if _HISTOGRAM.value and _PROTOCOL.value != 'episodes':
     raise app.UsageError('--histogram needs --protocol episodes.')
   if _PROTOCOL.value == 'omniglot_runs':

@@ -22,7 +22,7 @@ from fewshot import harness
 from fewshot.checkpoint import ArchitectureMismatch, UnreadableCheckpoints
 from fewshot.config_drift import ConfigDriftError
 from fewshot._utils import quiet_library_logs
-from fewshot.ops import tune_malloc
+from fewshot.ops import tune_cpu
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config.',
                                           lock_config=True)
@@ -49,7 +49,7 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError('Too many command-line arguments.')
   quiet_library_logs()
-  tune_malloc()  # before any JAX work; see fewshot/ops/__init__.py
+  tune_cpu()  # before any JAX work; see fewshot/ops/__init__.py
   if _DISTRIBUTED.value:
     import jax  # pylint: disable=g-import-not-at-top
     jax.distributed.initialize()

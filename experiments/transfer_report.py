@@ -17,7 +17,7 @@ from fewshot import config_flags  # ml_collections', overrides checked
 from fewshot import builder
 from fewshot import reports
 from fewshot._utils import quiet_library_logs
-from fewshot.ops import tune_malloc
+from fewshot.ops import tune_cpu
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Report config.',
                                           lock_config=True)
@@ -27,7 +27,7 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError('Too many command-line arguments.')
   quiet_library_logs()
-  tune_malloc()  # before any JAX work; see fewshot/ops/__init__.py
+  tune_cpu()  # before any JAX work; see fewshot/ops/__init__.py
   result = reports.negative_transfer_report(
       **builder.transfer_report_inputs(_CONFIG.value))
   print(result['markdown'])

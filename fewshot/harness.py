@@ -342,11 +342,11 @@ def train(experiment: Experiment, workdir: str, *, settings: Any,
   batch_size = _batch_size(experiment, state, mesh.size)
   skip_nonfinite = getattr(settings, 'nonfinite', 'stop') == 'skip'
   devices = jax.devices()
-  logging.info('%s on %d %s device(s) (%s), %s code paths.',
+  logging.info('%s on %d %s device(s) (%s), %s code paths, XLA_FLAGS=%r.',
                experiment.info.get('parameters',
                                    f'{tree_size(state.params):,} parameters'),
                len(devices), devices[0].platform, devices[0].device_kind,
-               selected_paths())
+               selected_paths(), os.environ.get('XLA_FLAGS', ''))
 
   if workdir_lib.has_checkpoints(workdir):
     checkpointer = Checkpointer(workdir_lib.checkpoint_dir(workdir),

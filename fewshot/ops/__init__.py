@@ -7,9 +7,19 @@ from fewshot.ops.conv import conv2d
 from fewshot.ops.depthwise import depthwise_conv2d
 from fewshot.ops.paths import force_paths
 from fewshot.ops.pool import affine_relu_max_pool, max_pool_2x2
+from fewshot.ops.xla_cpu import tune_xla_cpu
 
 __all__ = ['affine_relu_max_pool', 'conv2d', 'depthwise_conv2d', 'force_paths',
-           'max_pool_2x2', 'tune_malloc']
+           'max_pool_2x2', 'tune_cpu', 'tune_malloc', 'tune_xla_cpu']
+
+
+def tune_cpu() -> dict[str, bool | str]:
+  """`tune_malloc()` and `tune_xla_cpu()`; call before any JAX computation.
+
+  Returns {'malloc': whether the heap was tuned, 'xla_flags': the XLA flags
+  added ('' for none)}. The experiments and benchmarks call it first.
+  """
+  return {'malloc': tune_malloc(), 'xla_flags': tune_xla_cpu()}
 
 
 def tune_malloc() -> bool:
