@@ -4,8 +4,9 @@ jaxlib 0.10's XLA:CPU hands convolutions and dots to YNNPACK by default. On
 the AVX-512/AMX Xeon of earlier sessions that made the Conv-4 MAML step 2x
 faster than XLA's own kernels; on an AVX2 CPU without AVX-512 (a 2-core AMD
 EPYC) YNNPACK's convolutions ran at half the speed of XLA's own (50 against
-120 GFLOP/s at 80x14x14x64, `benchmarks/conv_micro.py`), and with YNNPACK off
-the ProtoNet training step ran 1.3-1.7x and its evaluation 2.4x as fast
+120 GFLOP/s at 80x14x14x64, `benchmarks/conv_micro.py`); with YNNPACK off the
+ProtoNet training step ran 1.3-1.7x as fast at 5-way 1-shot (1.0-1.35x at 60-
+way 5-shot), its evaluation 2.4x, and probes on stored features 5-50% slower
 (WORKSPACE.md, "XLA:CPU's convolutions on AVX2"). `tune_xla_cpu` turns
 YNNPACK off on x86 CPUs without AVX-512 and leaves every other machine, and
 any `XLA_FLAGS` that already choose the fusion types, alone;
