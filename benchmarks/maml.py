@@ -237,13 +237,11 @@ def run_setting(setting: str, args: argparse.Namespace,
         torch_seconds[variant].append(peer('step', variant=variant,
                                            setting=torch_setting(setting))
                                       ['seconds'])
-      except PeerExited as error:  # e.g. killed for memory: go on without
+      except RuntimeError as error:  # compile's double backward; PeerExited
         torch_failed[variant] = str(error)
         del torch_seconds[variant]
-        peer.restart()
-      except RuntimeError as error:  # e.g. compile's double backward
-        torch_failed[variant] = str(error)
-        del torch_seconds[variant]
+        if isinstance(error, PeerExited):  # e.g. killed for memory
+          peer.restart()
   peak_mb = peak_rss_mb()
   loss = float(metrics['loss'])
   if not np.isfinite(loss):
