@@ -35,13 +35,17 @@ def test_cpu_flags_reads_this_machine():
     assert 'sse2' in flags  # every x86-64 CPU has it
 
 
-def test_opt_out_keeps_the_flags(monkeypatch):
+def test_only_on_request(monkeypatch):
   monkeypatch.setattr(xla_cpu, 'cpu_flags', lambda: AVX2)
   monkeypatch.setattr(xla_cpu.platform, 'machine', lambda: 'x86_64')
   monkeypatch.setenv('XLA_FLAGS', '')
-  monkeypatch.setenv(xla_cpu.ENV_VAR, '0')
-  assert xla_cpu.tune_xla_cpu() == ''
-  assert os.environ['XLA_FLAGS'] == ''
+  for value in (None, '0', 'yes'):
+    if value is None:
+      monkeypatch.delenv(xla_cpu.ENV_VAR, raising=False)
+    else:
+      monkeypatch.setenv(xla_cpu.ENV_VAR, value)
+    assert xla_cpu.tune_xla_cpu() == ''
+    assert os.environ['XLA_FLAGS'] == ''
 
 
 def test_late_call_warns_and_changes_nothing(monkeypatch):
@@ -49,6 +53,7 @@ def test_late_call_warns_and_changes_nothing(monkeypatch):
   monkeypatch.setattr(xla_cpu, 'cpu_flags', lambda: AVX2)
   monkeypatch.setattr(xla_cpu.platform, 'machine', lambda: 'x86_64')
   monkeypatch.setenv('XLA_FLAGS', '--xla_cpu_enable_fast_math=false')
+  monkeypatch.setenv(xla_cpu.ENV_VAR, '1')
   with pytest.warns(UserWarning, match='after the first JAX computation'):
     assert xla_cpu.tune_xla_cpu() == ''
   assert os.environ['XLA_FLAGS'] == '--xla_cpu_enable_fast_math=false'
@@ -84,8 +89,8 @@ def test_the_flag_takes_effect_after_import_before_the_first_computation():
     pytest.skip('this jaxlib does not hand convolutions to YNNPACK')
   # fewshot (and so jax) is imported before tune_xla_cpu runs, as in
   # experiments/train.py: the flag still reaches the new process's backend.
-  env = {k: v for k, v in os.environ.items()
-         if k not in ('XLA_FLAGS', xla_cpu.ENV_VAR)}
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env[xla_cpu.ENV_VAR] = '1'
   out = subprocess.run([sys.executable, '-c', _PROBE], env=env, check=True,
                        capture_output=True, text=True).stdout
   tuned = json.loads(out.strip().splitlines()[-1])

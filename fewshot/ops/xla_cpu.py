@@ -2,16 +2,19 @@
 
 jaxlib 0.10's XLA:CPU hands convolutions and dots to YNNPACK by default. On
 the AVX-512/AMX Xeon of earlier sessions that made the Conv-4 MAML step 2x
-faster than XLA's own kernels; on an AVX2 CPU without AVX-512 (a 2-core AMD
+faster than XLA's own kernels. On an AVX2 CPU without AVX-512 (a 2-core AMD
 EPYC) YNNPACK's convolutions ran at half the speed of XLA's own (50 against
-120 GFLOP/s at 80x14x14x64, `benchmarks/conv_micro.py`); with YNNPACK off the
-ProtoNet training step ran 1.3-1.7x as fast at 5-way 1-shot (1.0-1.35x at 60-
-way 5-shot), its evaluation 2.4x, and probes on stored features 5-50% slower
-(WORKSPACE.md, "XLA:CPU's convolutions on AVX2"). `tune_xla_cpu` turns
-YNNPACK off on x86 CPUs without AVX-512 and leaves every other machine, and
-any `XLA_FLAGS` that already choose the fusion types, alone;
-`FEWSHOT_TUNE_XLA_CPU=0` keeps XLA's default anywhere. XLA reads `XLA_FLAGS`
-once, when the first computation starts the backend, so call it before that.
+120 GFLOP/s at 80x14x14x64, `benchmarks/conv_micro.py`): with YNNPACK off the
+ProtoNet training step ran 1.3-1.7x as fast at 5-way 1-shot (1.0-1.35x at
+60-way 5-shot), its evaluation 2.4x and feature extraction 1.15-2.7x, but
+second-order MAML (one inner step, 32 tasks) 1.3x slower and probes on stored
+features 5-50% slower (WORKSPACE.md, "XLA:CPU's convolutions on AVX2").
+
+So it is opt-in: with `FEWSHOT_TUNE_XLA_CPU=1`, `tune_xla_cpu` turns YNNPACK
+off on x86 CPUs without AVX-512 and leaves every other machine, and any
+`XLA_FLAGS` that already choose the fusion types, alone. XLA reads
+`XLA_FLAGS` once, when the first computation starts the backend, so call it
+before that (`experiments/*.py` and the benchmarks do, via `tune_cpu`).
 """
 
 from __future__ import annotations
@@ -58,12 +61,12 @@ def flags_to_add(machine: str, instruction_sets: frozenset[str],
 def tune_xla_cpu() -> str:
   """Adds this CPU's convolution-library flag to $XLA_FLAGS; returns it.
 
-  Returns '' when nothing was added: an AVX-512 or non-x86 CPU, a fusion-type
-  choice already in $XLA_FLAGS, $FEWSHOT_TUNE_XLA_CPU=0, or a JAX backend
-  already started (then with a warning: the flag could no longer take
-  effect).
+  Returns '' when nothing was added: $FEWSHOT_TUNE_XLA_CPU not 1, an AVX-512
+  or non-x86 CPU, a fusion-type choice already in $XLA_FLAGS, or a JAX
+  backend already started (then with a warning: the flag could no longer
+  take effect).
   """
-  if os.environ.get(ENV_VAR, '1') == '0':
+  if os.environ.get(ENV_VAR, '0') != '1':
     return ''
   current = os.environ.get('XLA_FLAGS', '')
   added = flags_to_add(platform.machine(), cpu_flags(), current)
