@@ -121,7 +121,7 @@ def main() -> None:
     import torch  # pylint: disable=import-outside-toplevel
     torch.set_num_threads(args.torch_threads)
   malloc = bool(args.tune_malloc) and tune_malloc()
-  tune_xla_cpu()  # before any JAX computation; $FEWSHOT_TUNE_XLA_CPU=0: not
+  tune_xla_cpu()  # before any JAX computation (acts on $FEWSHOT_TUNE_XLA_CPU=1)
   common = {'backend': jax.default_backend(), 'tune_malloc': malloc,
             'xla_flags': os.environ.get('XLA_FLAGS', '')}
   rng = np.random.default_rng(0)

@@ -8,7 +8,7 @@ EPYC) YNNPACK's convolutions ran at half the speed of XLA's own (50 against
 ProtoNet training step ran 1.3-1.7x as fast at 5-way 1-shot (1.0-1.35x at
 60-way 5-shot), its evaluation 2.4x and feature extraction 1.15-2.7x, but
 second-order MAML (one inner step, 32 tasks) 1.3x slower and probes on stored
-features 5-50% slower (WORKSPACE.md, "XLA:CPU's convolutions on AVX2").
+features 5-53% slower (WORKSPACE.md, "XLA:CPU's convolutions on AVX2").
 
 So it is opt-in: with `FEWSHOT_TUNE_XLA_CPU=1`, `tune_xla_cpu` turns YNNPACK
 off on x86 CPUs without AVX-512 and leaves every other machine, and any
