@@ -2,9 +2,25 @@
 
 import os
 import pathlib
+import shutil
+import tempfile
 
-import jax
-import pytest
+# One persistent compilation cache for the whole session, made before JAX
+# is imported and inherited by the xdist workers and by every subprocess
+# the tests start: a killed-and-resumed run, an evaluation of a workdir or
+# the same model in the next test loads the executable instead of
+# compiling it again. Compiling is most of this suite's time on a CPU.
+# A cache hit runs the same executable, so bit-exactness tests still
+# compare like with like. `FEWSHOT_TEST_JAX_CACHE=0` turns it off.
+_OWN_CACHE = None
+if (os.environ.get('FEWSHOT_TEST_JAX_CACHE', '1') != '0'
+    and 'JAX_COMPILATION_CACHE_DIR' not in os.environ):
+  _OWN_CACHE = tempfile.mkdtemp(prefix='fewshot-test-jax-cache-')
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = _OWN_CACHE
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.2')
+
+import jax  # pylint: disable=g-import-not-at-top
+import pytest  # pylint: disable=g-import-not-at-top
 
 # Catches query-versus-prototype broadcasting bugs (nanodo's preamble).
 jax.config.update('jax_numpy_rank_promotion', 'raise')
@@ -20,3 +36,9 @@ def shared_data() -> pathlib.Path:
   if not (SHARED_DATA / 'omniglot').is_dir():
     pytest.skip(f'real data not found at {SHARED_DATA} (see README: Data)')
   return SHARED_DATA
+
+
+def pytest_unconfigure(config):
+  del config
+  if _OWN_CACHE is not None:
+    shutil.rmtree(_OWN_CACHE, ignore_errors=True)
