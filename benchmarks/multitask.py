@@ -10,7 +10,10 @@ The MultiMNIST setting: Conv-4 (32 filters, running BatchNorm) on 36x36x1
 canvases, one stream of 256 images, 2 or 3 ten-way heads, Adam; the full
 compiled step (sampling, forward, per-task gradients where the method
 needs them, combination, update). Each method's median step time is
-reported with its ratio to equal weighting. Memory: the bytes of the `[T,
+reported with its ratio to equal weighting; the methods that read the
+task gradients' Gram matrix (GradNorm, PCGrad, CAGrad, MGDA) are timed in
+each mode of `--gradients` (the shared parameters' exact task gradients,
+or the features' with one backbone backward pass). Memory: the bytes of the `[T,
 ...]` per-task gradients of the shared parameters, and XLA's temporary
 buffer size of the compiled step. PyTorch: the same network and batch,
 equal weighting (one backward of the summed loss) and PCGrad as LibMTL
@@ -57,17 +60,27 @@ def _data(num_tasks):
               for n in NAMES[:num_tasks]})}
 
 
-def bench_jax(num_tasks: int, steps: int, repeats: int) -> None:
+def _runs(num_tasks, modes):
+  """`(method, options, gradients)` to time: every mode for Gram methods."""
+  for method, options in METHODS.items():
+    if options is None:
+      options = {'weights': tuple(range(1, num_tasks + 1))}
+    needs_gram = make_weighting(method, **options).needs_gram
+    for gradients in (modes if needs_gram else ('parameters',)):
+      yield method, options, gradients
+
+
+def bench_jax(num_tasks: int, steps: int, repeats: int,
+              modes: tuple[str, ...]) -> None:
   data = jax.device_put(_data(num_tasks))
   tasks = {n: Task('images', outputs=10) for n in NAMES[:num_tasks]}
   backbone = backbones.create('conv4', filters=FILTERS, norm='batch_running')
   baseline = None
-  for method, options in METHODS.items():
-    if options is None:
-      options = {'weights': tuple(range(1, num_tasks + 1))}
+  for method, options, gradients in _runs(num_tasks, modes):
     objective = multitask(backbone, tasks=tasks,
                           streams={'images': Stream(batch_size=BATCH)},
-                          weighting=make_weighting(method, **options))
+                          weighting=make_weighting(method, **options),
+                          gradients=gradients)
     optimizer = optax.adam(1e-3)
     state = init_state(objective, optimizer, data, 0)
     step = jax.jit(make_train_step(objective, optimizer), donate_argnums=0)
@@ -83,16 +96,23 @@ def bench_jax(num_tasks: int, steps: int, repeats: int) -> None:
       times.append((time.perf_counter() - start) / steps)
     seconds = float(np.median(times))
     baseline = seconds if method == 'equal' else baseline
-    shared = sum(x.size * x.dtype.itemsize
-                 for x in jax.tree.leaves(state.params['backbone']))
+    needs_gram = make_weighting(method, **options).needs_gram
+    if not needs_gram:
+      per_task = 0
+    elif gradients == 'parameters':
+      per_task = num_tasks * sum(
+          x.size * x.dtype.itemsize
+          for x in jax.tree.leaves(state.params['backbone']))
+    else:  # [T, B, D] feature gradients
+      per_task = num_tasks * BATCH * FILTERS * (SIZE // 16) ** 2 * 4
     memory = compiled.memory_analysis()
     common = dict(method=method, tasks=num_tasks, batch=BATCH,
                   framework='jax ' + jax.__version__)
+    if needs_gram:
+      common['gradients'] = gradients
     emit('multitask_step_ms', 1000 * seconds, 'ms', **common)
     emit('multitask_step_vs_equal', seconds / baseline, 'x', **common)
-    objective_gram = make_weighting(method, **options).needs_gram
-    emit('multitask_task_gradient_bytes',
-         num_tasks * shared if objective_gram else 0, 'bytes', **common)
+    emit('multitask_task_gradient_bytes', per_task, 'bytes', **common)
     if memory is not None:
       emit('multitask_step_temp_bytes', memory.temp_size_in_bytes, 'bytes',
            **common)
@@ -190,12 +210,16 @@ def main() -> None:
   parser.add_argument('--threads', type=int, default=2)
   parser.add_argument('--tasks', default='2,3')
   parser.add_argument('--skip_torch', action='store_true')
+  parser.add_argument('--gradients', default='parameters,features',
+                      help="modes for the Gram-reading methods: "
+                      "',' of parameters, features, features_summed")
   args = parser.parse_args()
   tune_cpu()
   emit('machine', 0, '', cpu=platform.processor() or platform.machine(),
        devices=str(jax.devices()))
   for num_tasks in map(int, args.tasks.split(',')):
-    bench_jax(num_tasks, args.steps, args.repeats)
+    bench_jax(num_tasks, args.steps, args.repeats,
+              tuple(args.gradients.split(',')))
     if not args.skip_torch:
       try:
         bench_torch(num_tasks, args.steps, args.repeats, args.threads)

@@ -9,6 +9,8 @@ then prints one JSON line per run and, per dataset and method, the mean
 test accuracy of each task and Delta-p (against the same seed's baselines)
 with its 95% CI over seeds, and the tasks that gain or lose. Finished runs
 are kept in `<out>/runs.jsonl` and skipped when the script is run again.
+A method `name@gradients` trains with `gradients=...` (for example
+`mgda@features`, MGDA-UB, or `pcgrad@features_summed`).
 """
 
 import argparse
@@ -44,11 +46,13 @@ def _run(out, dataset, seed, method, tasks, steps, period, done):
   name = f'{dataset}/{method if len(tasks) > 1 else tasks[0]}-s{seed}'
   if name in done:
     return done[name]
-  config = _load_config(f'dataset={dataset},method={method},'
+  weighting, _, gradients = method.partition('@')
+  config = _load_config(f'dataset={dataset},method={weighting},'
+                        f'gradients={gradients or "parameters"},'
                         f'tasks={"+".join(tasks)},seed={seed},steps={steps}')
   config.train.eval_every = steps
   config.train.log_every = max(steps // 5, 1)
-  if method in ('dwa', 'gradnorm'):
+  if weighting in ('dwa', 'gradnorm'):
     config.objective.weighting.period = period
   results = harness.train_and_evaluate(config, os.path.join(out, name))
   record = dict(run=name, dataset=dataset, seed=seed, method=method,

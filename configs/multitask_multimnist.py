@@ -13,10 +13,12 @@ heads on one shared encoder (`fewshot.data.multimnist`). Reads MNIST from
   python experiments/train.py --config configs/multitask_multimnist.py:method=pcgrad,baselines=runs/mm_left+runs/mm_right --workdir runs/mm_pcgrad
 
 Arguments: dataset (mnist, fashion, mixed), method (a weighting of
-`fewshot.multitask.WEIGHTINGS`), tasks ('left+right', 'left', 'right'),
-seed, steps, batch_size, lr, filters (the Conv-4 width), baselines
-('+'-separated single-task workdirs), train_images (fewer training source
-images, for a quick run).
+`fewshot.multitask.WEIGHTINGS`), gradients (the task gradients of
+Gram-reading methods: parameters, features, features_summed;
+`method=mgda,gradients=features` is MGDA-UB), tasks ('left+right',
+'left', 'right'), seed, steps, batch_size, lr, filters (the Conv-4
+width), baselines ('+'-separated single-task workdirs), train_images
+(fewer training source images, for a quick run).
 """
 
 import ml_collections
@@ -27,7 +29,8 @@ TASKS = ('left', 'right')
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = parse_arg(arg, dataset='mnist', method='equal', tasks='left+right',
+  args = parse_arg(arg, dataset='mnist', method='equal',
+                   gradients='parameters', tasks='left+right',
                    seed=1, steps=2000, batch_size=256, lr=1e-3, filters=32,
                    baselines='', train_images=0)
   tasks = tuple(filter(None, args.tasks.split('+')))
@@ -46,7 +49,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       name='multitask',
       streams=dict(images=dict(batch_size=args.batch_size)),
       tasks={task: dict(stream='images') for task in tasks},
-      weighting=dict(name=args.method))
+      weighting=dict(name=args.method),
+      gradients=args.gradients)
   config.optimizer = dict(name='adam', learning_rate=args.lr,
                           schedule='cosine', warmup_steps=0)
   config.train = train_section(num_steps=args.steps, log_every=100,

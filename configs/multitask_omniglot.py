@@ -12,8 +12,11 @@ the same images turned by a random multiple of 90 degrees, the rotation
   python experiments/train.py --config configs/multitask_omniglot.py:tasks=character --workdir runs/mt_omniglot_character
 
 Arguments: tasks ('+'-separated subset of character, alphabet, rotation),
-method (a weighting of `fewshot.multitask.WEIGHTINGS`), steps, batch_size
-(per stream), lr, seed, episodes (few-shot test episodes per way count).
+method (a weighting of `fewshot.multitask.WEIGHTINGS`), gradients (the
+task gradients of Gram-reading methods: parameters, features,
+features_summed; `method=mgda,gradients=features` is MGDA-UB), steps,
+batch_size (per stream), lr, seed, episodes (few-shot test episodes per
+way count).
 """
 
 import ml_collections
@@ -25,7 +28,8 @@ TASKS = ('character', 'alphabet', 'rotation')
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = parse_arg(arg, tasks='+'.join(TASKS), method='equal', steps=3000,
+  args = parse_arg(arg, tasks='+'.join(TASKS), method='equal',
+                   gradients='parameters', steps=3000,
                    batch_size=128, lr=1e-3, seed=0, episodes=1000)
   tasks = tuple(filter(None, args.tasks.split('+')))
   unknown = sorted(set(tasks) - set(TASKS))
@@ -49,7 +53,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                rotation=dict(stream='turned', labels='rotation'))
   config.objective = dict(name='multitask', streams=streams,
                           tasks={t: heads[t] for t in tasks},
-                          weighting=dict(name=args.method))
+                          weighting=dict(name=args.method),
+                          gradients=args.gradients)
   config.optimizer = dict(name='adam', learning_rate=args.lr,
                           schedule='cosine', warmup_steps=0)
   config.train = train_section(num_steps=args.steps, log_every=100,

@@ -11,6 +11,9 @@ The multi-task part of `fewshot.builder` (which dispatches here). Sections:
 * `objective.tasks`: `{task: {stream, kind, labels, outputs, head,
   init_scale}}`; `outputs` defaults to the classes found in the labels (or
   the target width); the mapping's order is the task order;
+* `objective.gradients`: the task gradients a Gram-reading weighting
+  combines: 'parameters' (default), 'features' or 'features_summed'
+  (`fewshot.objectives.multitask`);
 * `objective.weighting`: `{name, **options}` (`fewshot.multitask`); a
   fixed weighting's `weights` is `{task: weight}`, and DWA's and GradNorm's
   `period` defaults to an epoch of the first minibatch stream;
@@ -185,10 +188,12 @@ def build_multitask(config: ml_collections.ConfigDict, *,
   """The `Experiment` of a multi-task config (see the module docstring)."""
   section = _plain(config.objective)
   section.pop('name')
-  unknown = sorted(set(section) - {'tasks', 'streams', 'weighting'})
+  unknown = sorted(set(section) - {'gradients', 'tasks', 'streams',
+                                    'weighting'})
   if unknown:
     raise ValueError(f'Unknown multitask objective option(s) {unknown}; it '
-                     "accepts ['streams', 'tasks', 'weighting'].")
+                     "accepts ['gradients', 'streams', 'tasks', "
+                     "'weighting'].")
   stream_sections = dict(section.get('streams') or {})
   task_sections = dict(section.get('tasks') or {})
   if not task_sections:
@@ -219,7 +224,8 @@ def build_multitask(config: ml_collections.ConfigDict, *,
                          tuple(tasks), streams, stream_data)
   backbone = build_backbone(config.backbone, pretrained=pretrained)
   objective = multitask(backbone, tasks=tasks, streams=streams,
-                        weighting=weighting)
+                        weighting=weighting,
+                        gradients=section.get('gradients') or 'parameters')
 
   eval_section = config.eval
   spec = EpisodeSpec(eval_section.get('ways', 5), eval_section.get('shots', 1),

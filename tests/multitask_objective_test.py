@@ -87,15 +87,17 @@ def _toy_backbone():
                           num_blocks=2)
 
 
-def _toy_objective(weighting, tasks=None):
+def _toy_objective(weighting, tasks=None, streams=None,
+                   gradients='parameters'):
   data = _toy_data()
   tasks = tasks or {'a': Task('images', outputs=3),
                     'b': Task('images', outputs=4, head='cosine'),
                     'y': Task('images', kind='regress', outputs=2)}
+  streams = streams or {'images': Stream(batch_size=8)}
+  data = {name: data['images'] for name in streams}
   backbone = _toy_backbone()
-  objective = multitask(backbone, tasks=tasks,
-                        streams={'images': Stream(batch_size=8)},
-                        weighting=weighting)
+  objective = multitask(backbone, tasks=tasks, streams=streams,
+                        weighting=weighting, gradients=gradients)
   params, state, run_key = objective.init(jax.random.key(0), data)
   batch = objective.sample(run_key, jnp.int32(0), data)
   return objective, params, state, batch
@@ -158,6 +160,70 @@ def test_one_task_trains_as_single_task_training(name, options):
                {'backbone': grads['backbone'], 'heads': grads['heads']},
                expected)
   assert jax.tree.structure(new_state) == jax.tree.structure(state)
+
+
+def _recording_gram(coefficients):
+  """Fixed coefficients through the Gram path; the state keeps the Gram."""
+  def init(num_tasks):
+    return {}, {'gram': jnp.zeros((num_tasks, num_tasks))}
+
+  def combine(params, state, losses, gram, key):
+    del params, state, key
+    return Combination(jnp.asarray(coefficients, losses.dtype),
+                       jnp.ones_like(losses), jnp.zeros(()), {'gram': gram})
+  return Weighting('recording', init, combine, needs_gram=True)
+
+
+_TWO_STREAMS = dict(
+    tasks={'a': Task('images', outputs=3),
+           'y': Task('images', kind='regress', outputs=2),
+           'r': Task('turned', labels='rotation', outputs=4)},
+    streams={'images': Stream(batch_size=8),
+             'turned': Stream(batch_size=6, rotate=True)})
+
+
+@pytest.mark.parametrize('gradients', ['features', 'features_summed'])
+def test_feature_gradients_change_only_the_gram(gradients):
+  """Same coefficients: the same update as the exact parameter mode (the
+  backward pass is linear); the Gram is that of the features' gradients,
+  from separate `jax.grad` calls, zero across streams unless summed."""
+  weighting = _recording_gram((0.3, 1.7, 0.9))
+  key = jax.random.key(2)
+  exact, params, state, batch = _toy_objective(weighting, **_TWO_STREAMS)
+  features_mode, *_ = _toy_objective(weighting, gradients=gradients,
+                                     **_TWO_STREAMS)
+  (_, (_, exact_state)), exact_grads = jax.jit(exact.value_and_grad)(
+      params, state, batch, key)
+  (_, (metrics, new_state)), grads = jax.jit(features_mode.value_and_grad)(
+      params, state, batch, key)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4,
+                                                       atol=1e-6),
+               grads, exact_grads)
+  np.testing.assert_allclose(metrics['a_weight'], 0.3, rtol=1e-6)
+
+  from fewshot.objectives.multitask import task_loss
+  backbone, rows = _toy_backbone(), []
+  for name, task in _TWO_STREAMS['tasks'].items():
+    item = batch[task.stream]
+    features = backbone.apply(params['backbone'], state['backbone'],
+                              item.images, True)[0]
+    grad = jax.grad(lambda f: task_loss(
+        task, params['heads'][name], f,
+        item.labels[task.labels or name])[0])(features)
+    rows.append((task.stream, np.asarray(grad, np.float64)))
+  expected = np.zeros((3, 3))
+  for s, (stream_s, g_s) in enumerate(rows):
+    for t, (stream_t, g_t) in enumerate(rows):
+      if gradients == 'features_summed':
+        expected[s, t] = g_s.sum(0) @ g_t.sum(0)
+      elif stream_s == stream_t:
+        expected[s, t] = np.sum(g_s * g_t)
+  gram = np.asarray(new_state['weighting']['gram'])
+  np.testing.assert_allclose(gram, expected, rtol=1e-4, atol=1e-12)
+  assert (gradients == 'features_summed') == (abs(gram[0, 2]) > 0)
+  # The parameter mode's Gram is another matrix.
+  assert not np.allclose(exact_state['weighting']['gram'], gram, rtol=1e-2)
+
 
 
 def test_a_state_with_one_array_in_two_leaves_is_donated_safely():
@@ -301,6 +367,7 @@ def test_episode_rotation_and_fewshot_heads_on_class_data(tmp_path):
       rotation=dict(stream='turned', labels='rotation', head='cosine'),
       protos=dict(stream='episodes', kind='episodes'))
   config.objective.weighting = dict(name='pcgrad')
+  config.objective.gradients = 'features'  # one stream is episodes
   config.train.eval_every = 100
   config.eval.update(ways=3, shots=1, queries=2, num_episodes=6,
                      val_episodes=4, fewshot_data=synthetic,
@@ -333,6 +400,8 @@ def test_episode_rotation_and_fewshot_heads_on_class_data(tmp_path):
     (lambda c: c.objective.streams.images.update(batch_size=1000),
      'batch_size 1000 exceeds its 108 training images'),
     (lambda c: setattr(c.objective, 'tasks', {}), 'objective.tasks is empty'),
+    (lambda c: setattr(c.objective, 'gradients', 'rep'),
+     "gradients must be one of .*'features_summed'.*got 'rep'"),
 ])
 def test_bad_multitask_configs_name_the_problem(mnist_dir, change, error):
   config = _config(mnist_dir)

@@ -22,9 +22,27 @@ multi-task workdir is a pretrained backbone for any config. The model
 state is `{'backbone': BatchNorm statistics, 'weighting': the method's
 state}`. The step computes the `[T]` task losses in one forward pass; a
 `Weighting` that needs the task gradients' Gram matrix gets the per-task
-gradients of the shared parameters from one pullback per task
-(`fewshot.multitask.gradients`), the others one backward pass of the
-weighted loss.
+gradients from one pullback per task (`fewshot.multitask.gradients`), the
+others one backward pass of the weighted loss. Which gradients
+(`gradients=`):
+
+* 'parameters' (the default): the task gradients of the shared backbone's
+  parameters, exact; `T` backward passes through the backbone.
+* 'features': the task gradients of the backbone's output features, every
+  example's `[D]` gradient in the inner products (Sener and Koltun 2018's
+  MGDA-UB bound, as their code computes it). The combined feature gradient
+  `sum_t c_t dL_t/dz` goes back through the backbone once, so the step
+  costs one backbone backward pass whatever `T` is. Two tasks on different
+  streams have orthogonal feature gradients here.
+* 'features_summed': as 'features', but each task's feature gradient is
+  summed over its batch to one `[D]` vector before the inner products
+  (LibMTL's `rep_grad=True`, also across streams of different images).
+
+The feature modes change only the Gram matrix the weighting sees: for the
+same coefficients the backbone's update equals the parameter mode's
+(the backward pass is linear; tested). LibMTL refuses PCGrad and CAGrad
+with `rep_grad`; here every Gram-reading method accepts them, as an
+approximation whose quality is the user's call.
 """
 
 from __future__ import annotations
@@ -48,6 +66,7 @@ from fewshot.multitask.weighting import Weighting
 from fewshot.objectives.base import Objective
 
 TASK_KINDS = ('classify', 'regress', 'episodes')
+GRADIENTS = ('parameters', 'features', 'features_summed')
 ROTATION = 'rotation'
 
 
@@ -163,8 +182,8 @@ def task_loss(task: Task, head, features, targets):
 
 
 def multitask(backbone: Backbone, *, tasks: Mapping[str, Task],
-              streams: Mapping[str, Stream], weighting: Weighting
-              ) -> Objective:
+              streams: Mapping[str, Stream], weighting: Weighting,
+              gradients: str = 'parameters') -> Objective:
   """Trains `backbone` and one head per task, combined by `weighting`.
 
   The data is `{stream: MultiLabelImages or DeviceDataset}`; the batch
@@ -179,8 +198,14 @@ def multitask(backbone: Backbone, *, tasks: Mapping[str, Task],
     streams: `{name: Stream}`, each read by at least one task.
     weighting: how the task losses and gradients are combined
       (`fewshot.multitask.make_weighting`).
+    gradients: which task gradients a Gram-reading weighting combines:
+      'parameters', 'features' or 'features_summed' (module docstring);
+      loss-weighting methods take one backward pass in every mode.
   """
   check_tasks(tasks, streams)
+  if gradients not in GRADIENTS:
+    raise ValueError(f'gradients must be one of {GRADIENTS}, got '
+                     f'{gradients!r}.')
   names = tuple(tasks)
   stream_names = tuple(sorted(streams))
   for task in tasks.values():
@@ -214,8 +239,8 @@ def multitask(backbone: Backbone, *, tasks: Mapping[str, Task],
                                  streams[name], data[name])
             for index, name in enumerate(stream_names)}
 
-  def task_losses(model_params, backbone_state, batch):
-    """`([T] losses, (metrics, backbone_state))` in one forward pass."""
+  def encode(backbone_params, backbone_state, batch):
+    """`({stream: features [B, D]}, backbone_state)`, a pass per stream."""
     features = {}
     for name in stream_names:
       item = batch[name]
@@ -224,7 +249,11 @@ def multitask(backbone: Backbone, *, tasks: Mapping[str, Task],
       else:
         images = item.images
       features[name], backbone_state = backbone.apply(
-          model_params['backbone'], backbone_state, images, True)
+          backbone_params, backbone_state, images, True)
+    return features, backbone_state
+
+  def head_losses(heads, features, batch):
+    """`([T] losses, metrics)` of every task's head on its features."""
     losses, metrics = [], {}
     for name in names:
       task = tasks[name]
@@ -233,13 +262,56 @@ def multitask(backbone: Backbone, *, tasks: Mapping[str, Task],
         loss, accuracy = _episode_loss(features[task.stream], item)
         extra = {'accuracy': accuracy}
       else:
-        loss, extra = task_loss(task, model_params['heads'][name],
-                                features[task.stream],
+        loss, extra = task_loss(task, heads[name], features[task.stream],
                                 item.labels[label_name(name, task)])
       losses.append(loss)
       metrics.update({f'{name}_loss': loss},
                      **{f'{name}_{k}': v for k, v in extra.items()})
-    return jnp.stack(losses), (metrics, backbone_state)
+    return jnp.stack(losses), metrics
+
+  def task_losses(model_params, backbone_state, batch):
+    """`([T] losses, (metrics, backbone_state))` in one forward pass."""
+    features, backbone_state = encode(model_params['backbone'],
+                                      backbone_state, batch)
+    losses, metrics = head_losses(model_params['heads'], features, batch)
+    return losses, (metrics, backbone_state)
+
+  def feature_gram(feature_grads):
+    """`[T, T]` Gram of the `{stream: [T, B, D]}` feature gradients."""
+    if gradients == 'features_summed':
+      return gram_matrix(sum(g.reshape(g.shape[0], g.shape[1], -1).sum(1)
+                             for g in feature_grads.values()))
+    return gram_matrix(feature_grads)
+
+  def combined_gradients(params, model_state, batch, key):
+    """`(losses, metrics, backbone_state, combination, weighting_grads,
+    grads)` of a Gram-reading weighting, in the mode of `gradients`."""
+    model_params = {'backbone': params['backbone'], 'heads': params['heads']}
+    if gradients == 'parameters':
+      (losses, (metrics, backbone_state)), task_grads = task_gradients(
+          lambda p: task_losses(p, model_state['backbone'], batch),
+          model_params)
+      gram = gram_matrix(task_grads['backbone'])
+    else:
+      features, encoder_vjp, backbone_state = jax.vjp(
+          lambda p: encode(p, model_state['backbone'], batch),
+          params['backbone'], has_aux=True)
+      # T pullbacks through the heads only: cheap.
+      (losses, metrics), task_grads = task_gradients(
+          lambda p: head_losses(p['heads'], p['features'], batch),
+          {'heads': params['heads'], 'features': features})
+      gram = feature_gram(task_grads['features'])
+    gram = jax.lax.stop_gradient(gram)
+    (_, combination), weighting_grads = weighting_step(
+        params['weighting'], model_state['weighting'], losses, gram, key)
+    # Row t of head s's gradient is 0 unless s == t.
+    grads = {'heads': combine(task_grads['heads'], combination.heads)}
+    if gradients == 'parameters':
+      grads['backbone'] = combine(task_grads['backbone'], combination.shared)
+    else:
+      (grads['backbone'],) = encoder_vjp(
+          combine(task_grads['features'], combination.shared))
+    return losses, metrics, backbone_state, combination, weighting_grads, grads
 
   def weighting_step(weighting_params, weighting_state, losses, gram, key):
     def objective(p):
@@ -249,18 +321,13 @@ def multitask(backbone: Backbone, *, tasks: Mapping[str, Task],
     return jax.value_and_grad(objective, has_aux=True)(weighting_params)
 
   def value_and_grad(params, model_state, batch, key):
-    model_params = {'backbone': params['backbone'], 'heads': params['heads']}
-    losses_fn = lambda p: task_losses(p, model_state['backbone'], batch)
     if weighting.needs_gram:
-      (losses, (metrics, backbone_state)), task_grads = task_gradients(
-          losses_fn, model_params)
-      gram = jax.lax.stop_gradient(gram_matrix(task_grads['backbone']))
-      (_, combination), weighting_grads = weighting_step(
-          params['weighting'], model_state['weighting'], losses, gram, key)
-      grads = {'backbone': combine(task_grads['backbone'], combination.shared),
-               # Row t of head s's gradient is 0 unless s == t.
-               'heads': combine(task_grads['heads'], combination.heads)}
+      (losses, metrics, backbone_state, combination, weighting_grads,
+       grads) = combined_gradients(params, model_state, batch, key)
     else:
+      model_params = {'backbone': params['backbone'],
+                      'heads': params['heads']}
+      losses_fn = lambda p: task_losses(p, model_state['backbone'], batch)
       # Loss-weighting methods: the heads share the backbone's weights
       # (`Combination.heads == shared`), one backward pass of the sum.
       def weighted(p):
@@ -298,5 +365,5 @@ def multitask(backbone: Backbone, *, tasks: Mapping[str, Task],
                    batch_size_name='batch_size', batch_units=batch_units)
 
 
-__all__ = ['ROTATION', 'Stream', 'TASK_KINDS', 'Task', 'check_tasks',
-           'head_outputs', 'label_name', 'multitask', 'task_loss']
+__all__ = ['GRADIENTS', 'ROTATION', 'Stream', 'TASK_KINDS', 'Task',
+           'check_tasks', 'head_outputs', 'label_name', 'multitask', 'task_loss']
