@@ -41,6 +41,7 @@ from fewshot.objectives.multitask import Stream, Task, multitask
 from fewshot.ops import tune_cpu
 
 BATCH, IMAGES, FILTERS, SIZE = 256, 4096, 32, 36
+FEATURES = FILTERS * (SIZE // 16) ** 2  # Conv-4's output width
 METHODS = {'equal': {}, 'fixed': None, 'uncertainty': {},
            'dwa': {'period': 10}, 'gradnorm': {'period': 10}, 'pcgrad': {},
            'cagrad': {}, 'mgda': {}}
@@ -104,7 +105,7 @@ def bench_jax(num_tasks: int, steps: int, repeats: int,
           x.size * x.dtype.itemsize
           for x in jax.tree.leaves(state.params['backbone']))
     else:  # [T, B, D] feature gradients
-      per_task = num_tasks * BATCH * FILTERS * (SIZE // 16) ** 2 * 4
+      per_task = num_tasks * BATCH * FEATURES * 4
     memory = compiled.memory_analysis()
     common = dict(method=method, tasks=num_tasks, batch=BATCH,
                   framework='jax ' + jax.__version__)
@@ -136,11 +137,10 @@ def bench_torch(num_tasks: int, steps: int, repeats: int, threads: int
 
   images = torch.rand(BATCH, 1, SIZE, SIZE)
   labels = [torch.randint(0, 10, (BATCH,)) for _ in range(num_tasks)]
-  feature_dim = FILTERS * (SIZE // 16) ** 2
   results = {}
   for layout in ('contiguous', 'channels_last'):
     model = encoder()
-    heads = nn.ModuleList(nn.Linear(feature_dim, 10)
+    heads = nn.ModuleList(nn.Linear(FEATURES, 10)
                           for _ in range(num_tasks))
     x = images
     if layout == 'channels_last':

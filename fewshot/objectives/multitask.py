@@ -286,12 +286,12 @@ def multitask(backbone: Backbone, *, tasks: Mapping[str, Task],
   def combined_gradients(params, model_state, batch, key):
     """`(losses, metrics, backbone_state, combination, weighting_grads,
     grads)` of a Gram-reading weighting, in the mode of `gradients`."""
-    model_params = {'backbone': params['backbone'], 'heads': params['heads']}
     if gradients == 'parameters':
       (losses, (metrics, backbone_state)), task_grads = task_gradients(
           lambda p: task_losses(p, model_state['backbone'], batch),
-          model_params)
+          {'backbone': params['backbone'], 'heads': params['heads']})
       gram = gram_matrix(task_grads['backbone'])
+      backbone_grads = lambda c: combine(task_grads['backbone'], c)
     else:
       features, encoder_vjp, backbone_state = jax.vjp(
           lambda p: encode(p, model_state['backbone'], batch),
@@ -301,16 +301,14 @@ def multitask(backbone: Backbone, *, tasks: Mapping[str, Task],
           lambda p: head_losses(p['heads'], p['features'], batch),
           {'heads': params['heads'], 'features': features})
       gram = feature_gram(task_grads['features'])
+      backbone_grads = lambda c: encoder_vjp(
+          combine(task_grads['features'], c))[0]
     gram = jax.lax.stop_gradient(gram)
     (_, combination), weighting_grads = weighting_step(
         params['weighting'], model_state['weighting'], losses, gram, key)
-    # Row t of head s's gradient is 0 unless s == t.
-    grads = {'heads': combine(task_grads['heads'], combination.heads)}
-    if gradients == 'parameters':
-      grads['backbone'] = combine(task_grads['backbone'], combination.shared)
-    else:
-      (grads['backbone'],) = encoder_vjp(
-          combine(task_grads['features'], combination.shared))
+    grads = {'backbone': backbone_grads(combination.shared),
+             # Row t of head s's gradient is 0 unless s == t.
+             'heads': combine(task_grads['heads'], combination.heads)}
     return losses, metrics, backbone_state, combination, weighting_grads, grads
 
   def weighting_step(weighting_params, weighting_state, losses, gram, key):
