@@ -62,7 +62,8 @@ print(json.dumps(dict(ops=ops, grads=grads)))
 @pytest.fixture(scope='module')
 def collectives():
   env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS='--xla_force_host_platform_device_count=4')
+             XLA_FLAGS=(f"{os.environ.get('XLA_FLAGS', '')} "
+                        '--xla_force_host_platform_device_count=4'))
   child = subprocess.run(
       [sys.executable, '-c', _CHILD.format(repo=str(REPO))], env=env,
       capture_output=True, text=True, timeout=900)
