@@ -20,7 +20,7 @@ if (os.environ.get('FEWSHOT_TEST_JAX_CACHE', '1') != '0'
   os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.2')
 
 # The tiny test models spend far longer in LLVM than running: without its
-# optimisations the suite ran in 546 s instead of 1,181 s. HLO passes
+# optimisations the suite ran in 628 s instead of 1,181 s. HLO passes
 # (fusion, the collectives the sharding tests read) are unchanged, and
 # every comparison in a test runs under the same flags. One exception:
 # multi-device MAML updates differ at level 0 (see sharding_test.py), so the
