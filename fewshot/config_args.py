@@ -68,6 +68,24 @@ def data_section(name: str, **options: Any) -> dict[str, Any]:
               data_dir=os.environ.get('FEWSHOT_DATA_DIR'), **options)
 
 
+def features_section(backbone: str, weights: str | None = None,
+                     input_size: int | None = None,
+                     batch_size: int = 256) -> dict[str, Any]:
+  """A data section's `features`: the frozen backbone that embeds every
+  split once (`fewshot.builder.embedded_splits`).
+
+  `weights` defaults to 'imagenet'; `input_size` to 128 for
+  efficientnet_lite0 (the images are resized on the device).
+  """
+  section = dict(name=backbone, weights=weights or 'imagenet',
+                 batch_size=batch_size)
+  if input_size is None and backbone == 'efficientnet_lite0':
+    input_size = 128
+  if input_size:
+    section['input_size'] = input_size
+  return section
+
+
 def train_section(**settings: Any) -> dict[str, Any]:
   """The `train` section: `fewshot.harness.train`'s settings.
 
@@ -146,5 +164,5 @@ def metric_objective(loss: str, miner: str | None = None, **options: Any
               miner=miner, miner_options=dict(miner_options), **options)
 
 
-__all__ = ['METRIC_RECIPES', 'data_section', 'eval_section',
+__all__ = ['METRIC_RECIPES', 'data_section', 'eval_section', 'features_section',
            'metric_objective', 'parse_arg']

@@ -23,7 +23,9 @@ import numpy as np
 from fewshot.algorithms.base import Algorithm
 from fewshot.backbones.base import (Backbone, ModelState, Params,
                                     identity_backbone)
+from fewshot.data.dataset import ClassDataset
 from fewshot.data.sampling import DeviceDataset
+from fewshot.progress import Progress
 
 # Algorithms whose adaptation and prediction only see a frozen backbone's
 # evaluation-mode features, so they can run on `precompute`d features.
@@ -106,6 +108,41 @@ def embed_inputs(backbone: Backbone, params: Params, model_state: ModelState,
   return _extract_jit(backbone, params, model_state, inputs, batch_size)
 
 
+def embed_dataset(backbone: Backbone, params: Params,
+                  model_state: ModelState, dataset: ClassDataset, *,
+                  batch_size: int = 256, chunk: int = 4096,
+                  what: str = 'embedding') -> ClassDataset:
+  """`dataset` with each image replaced by its features `[M, D]` (float32).
+
+  Evaluation-mode features, in host-driven chunks of `chunk` images (one
+  compiled program: the last chunk is padded), so a split of any size fits
+  in memory and long extractions log their progress. Classes, labels and
+  groups are kept, so every sampler, objective and evaluator runs on the
+  result as on images, with an `MLP` backbone (`widths=()`: the features
+  themselves).
+  """
+  inputs = np.asarray(dataset.images)
+  if dataset.is_text:
+    features = np.asarray(embed_inputs(backbone, params, model_state,
+                                       inputs, batch_size=batch_size))
+  else:
+    num = inputs.shape[0]
+    chunk = max(1, min(chunk, num))
+    progress = Progress(num, what)
+    parts = []
+    for start in range(0, num, chunk):
+      part = inputs[start:start + chunk]
+      padded = np.zeros((chunk, *inputs.shape[1:]), inputs.dtype)
+      padded[:len(part)] = part
+      out = _extract_jit(backbone, params, model_state, jnp.asarray(padded),
+                         min(batch_size, chunk))
+      parts.append(np.asarray(out)[:len(part)])
+      progress.update(start + len(part))
+    features = np.concatenate(parts)
+  return ClassDataset(features.astype(np.float32), dataset.labels,
+                      dataset.class_names, dataset.class_groups)
+
+
 def precompute(backbone: Backbone, params: Params, model_state: ModelState,
                data: DeviceDataset, *, batch_size: int = 256
                ) -> DeviceDataset:
@@ -161,6 +198,6 @@ def on_features(make_algorithm: Callable[[Backbone], Algorithm],
                           batch_size=batch_size))
 
 
-__all__ = ['FEATURE_ALGORITHMS', 'embed_inputs', 'extract_features',
+__all__ = ['FEATURE_ALGORITHMS', 'embed_dataset', 'embed_inputs', 'extract_features',
            'extract_text_features', 'feature_inputs',
            'on_features', 'precompute']

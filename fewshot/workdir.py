@@ -172,6 +172,19 @@ def restore_state(workdir: str | os.PathLike, state: Any) -> Any:
   return restored
 
 
+def checkpoint_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
+  """What identifies a workdir's newest checkpoint without reading it: the
+  workdir, the step and the step folder's modification time (a cache of
+  anything computed from the checkpoint is stale when this changes)."""
+  workdir = _resolve(path)
+  directory = checkpoint_dir(workdir)
+  steps = sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+  if not steps:
+    raise FileNotFoundError(f'{workdir} has no checkpoint yet.')
+  stat = os.stat(os.path.join(directory, str(steps[-1])))
+  return dict(workdir=workdir, step=steps[-1], mtime_ns=stat.st_mtime_ns)
+
+
 def _describe(name: str, options: Mapping[str, Any]) -> str:
   listed = ', '.join(f'{k}={v!r}' for k, v in sorted(options.items()))
   return f'{name}({listed})'

@@ -62,6 +62,45 @@ def test_extract_features_equals_one_big_batch():
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_embed_dataset_in_chunks_keeps_classes_and_equals_one_batch():
+  backbone = backbones.create('conv4', filters=4, num_blocks=2,
+                              norm='batch_running')
+  dataset = synthetic_splits(num_classes=(3, 1, 1), images_per_class=7,
+                             image_size=8)['train']
+  params, state = backbone.init(jax.random.key(0),
+                                jnp.asarray(dataset.images[:2]))
+  want, _ = backbone.apply(params, state, jnp.asarray(dataset.images), False)
+  got = features.embed_dataset(backbone, params, state, dataset,
+                               batch_size=3, chunk=8)  # 3 chunks, padded
+  assert got.is_features and not got.is_text and got.image_shape == (16,)
+  np.testing.assert_allclose(got.images, want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(got.labels, dataset.labels)
+  assert got.class_names == dataset.class_names
+  with pytest.raises(ValueError, match='must be finite'):
+    type(got)(np.full((2, 3), np.nan, np.float32), np.zeros(2, np.int32),
+              ('a',))
+
+
+def test_mlp_backbone_is_the_identity_or_a_map_of_feature_vectors():
+  vectors = jnp.asarray(np.random.default_rng(0).normal(size=(5, 6)),
+                        jnp.float32)
+  identity = backbones.create('mlp')
+  params, state = identity.init(jax.random.key(0), vectors)
+  assert not jax.tree.leaves(params)
+  np.testing.assert_array_equal(identity.apply(params, state, vectors,
+                                               True)[0], vectors)
+  mlp = backbones.create('mlp', widths=(7, 3))
+  params, state = mlp.init(jax.random.key(0), vectors)
+  out, _ = mlp.apply(params, state, vectors, False)
+  hidden = jax.nn.relu(vectors @ params['dense0']['kernel'] +
+                       params['dense0']['bias'][None])
+  np.testing.assert_allclose(
+      out, hidden @ params['dense1']['kernel'] + params['dense1']['bias'][None],
+      rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match='MLP takes feature vectors'):
+    mlp.init(jax.random.key(0), jnp.zeros((2, 4), jnp.int32))
+
+
 @pytest.fixture(scope='module')
 def pretrained_workdir(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('pretrained')

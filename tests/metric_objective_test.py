@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from fewshot import builder
+from fewshot import features as features_lib
 from fewshot import harness
+from fewshot import workdir as workdir_lib
 from fewshot.data import sampling, synthetic
 from fewshot.evaluators import workdir as evaluation
 from helpers import killed_after_checkpoint, load_config, restore_train_state
@@ -136,3 +138,55 @@ def test_batches_larger_than_the_split_are_refused():
   config.objective.images_per_class = 21
   with pytest.raises(ValueError, match=r'\(K\) exceeds the 20 images'):
     builder.build(config)
+
+
+def _features_config(workdir, **backbone):
+  """The metric config on the frozen features of `workdir`'s backbone."""
+  config = _config()
+  config.data.features = dict(name='conv4', weights=str(workdir), **backbone)
+  config.backbone = dict(name='mlp', widths=())
+  config.objective.augment = None
+  return config
+
+
+def test_a_metric_loss_trains_on_frozen_features_embedded_once(
+    straight_run, tmp_path, monkeypatch):
+  _, frozen_dir, _ = straight_run
+  config = _features_config(frozen_dir)
+  images = builder.load_splits(_config().data)
+  splits = builder.load_splits(config.data)
+  # Each split is the frozen backbone's evaluation-mode features.
+  loaded = workdir_lib.load_backbone(str(frozen_dir), 'conv4')
+  for name in ('train', 'test'):
+    expected, _ = loaded.backbone.apply(loaded.params, loaded.model_state,
+                                        images[name].images, False)
+    assert splits[name].is_features and splits[name].image_shape == (8,)
+    np.testing.assert_allclose(splits[name].images, expected, atol=1e-5)
+    np.testing.assert_array_equal(splits[name].labels, images[name].labels)
+  results = harness.train_and_evaluate(config, str(tmp_path))
+  assert results['step'] == 4
+  state, *_ = restore_train_state(config, tmp_path)
+  assert state.params['projection']['output']['kernel'].shape == (8, 16)
+  retrieval = evaluation.evaluate_workdir(
+      builder.build(config, pretrained=False), str(tmp_path),
+      protocol='retrieval')
+  assert retrieval['images'] == 200 and retrieval['embedding_dim'] == 16
+  # Cached by data options, backbone, checkpoint and split: a second build
+  # embeds nothing.
+  monkeypatch.setenv('FEWSHOT_DATA_DIR', str(tmp_path / 'data'))
+  first = builder.load_splits(config.data)
+  monkeypatch.setattr(features_lib, 'embed_dataset', _no_embedding)
+  again = builder.load_splits(config.data)
+  np.testing.assert_array_equal(again['val'].images, first['val'].images)
+  assert len(list((tmp_path / 'data').rglob('synthetic-*.npz'))) == 3
+
+
+def _no_embedding(*args, **kwargs):
+  raise AssertionError('embedded again instead of reading the cache')
+
+
+def test_features_need_pretrained_weights():
+  config = _config()
+  config.data.features = dict(name='conv4')
+  with pytest.raises(ValueError, match='needs a name and pretrained weights'):
+    builder.load_splits(config.data)

@@ -11,15 +11,18 @@ from fewshot.backbones.conv4 import Conv4
 from fewshot.backbones.efficientnet_lite import EfficientNetLite
 from fewshot.backbones.lenet import LeNet
 from fewshot.backbones.loading import Loaded, load
+from fewshot.backbones.mlp import MLP
 from fewshot.backbones.resnet import ResNet12, ResNet18
 
 # name -> flax module class; `create(name, **config.backbone)`. Text
-# backbones ('minilm_l6') take int32 token ids `[B, L]` instead of images.
+# backbones ('minilm_l6') take int32 token ids `[B, L]` instead of images,
+# 'mlp' takes feature vectors `[B, D]` (a data section's stored features).
 BACKBONES = {
     'conv4': Conv4,
     'efficientnet_lite0': EfficientNetLite,
     'lenet': LeNet,
     'minilm_l6': BertEncoder,
+    'mlp': MLP,
     'resnet12': ResNet12,
     'resnet18': ResNet18,
 }
@@ -57,6 +60,6 @@ def _create(name: str, **kwargs: Any) -> Backbone:
   return from_flax(module_class(**kwargs))
 
 
-__all__ = ['BACKBONES', 'Backbone', 'BertEncoder', 'Conv4', 'EfficientNetLite', 'LeNet', 'Loaded',
+__all__ = ['BACKBONES', 'Backbone', 'BertEncoder', 'Conv4', 'EfficientNetLite', 'LeNet', 'Loaded', 'MLP',
            'ResNet12', 'ResNet18', 'adapt_images', 'create', 'from_flax',
            'identity_backbone', 'load', 'with_input_adapter']

@@ -34,7 +34,7 @@ def from_flax(module: nn.Module) -> Backbone:
 
   def init(key: jax.Array, images: jax.Array) -> tuple[Params, ModelState]:
     variables = dict(module.init(key, images, train=False))
-    params = variables.pop('params')
+    params = variables.pop('params', {})  # {} for a parameter-free module
     return params, variables
 
   def apply(params: Params, model_state: ModelState, images: jax.Array,

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pathlib
@@ -35,6 +36,18 @@ def default_manual_dir(manual_dir: str | os.PathLike | None = None
   if manual_dir is not None and os.fspath(manual_dir):
     return os.fspath(manual_dir)
   return os.environ.get(MANUAL_DIR_ENV) or None
+
+
+def keyed_cache_path(data_dir: str | os.PathLike | None, kind: str,
+                     key: dict[str, Any], stem: str) -> pathlib.Path | None:
+  """`<data dir>/fewshot_cache/<kind>/<stem>-<digest of key>.npz`, or None
+  without a data dir (`default_data_dir`): then nothing is cached."""
+  base = default_data_dir(data_dir)
+  if base is None:
+    return None
+  digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()
+                        ).hexdigest()[:12]
+  return pathlib.Path(base, CACHE_SUBDIR, kind, f'{stem}-{digest}.npz')
 
 
 def save_cached(path: pathlib.Path, dataset: ClassDataset,
@@ -81,4 +94,5 @@ def load_cached(path: pathlib.Path, key: dict[str, Any]
 
 
 __all__ = ['CACHE_SUBDIR', 'DATA_DIR_ENV', 'MANUAL_DIR_ENV', 'default_data_dir',
-           'default_manual_dir', 'load_cached', 'save_cached']
+           'default_manual_dir', 'keyed_cache_path', 'load_cached',
+           'save_cached']

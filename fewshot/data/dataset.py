@@ -14,8 +14,10 @@ class ClassDataset:
 
   Attributes:
     images: `[M, H, W, C]` uint8 in 0..255, or for text int32 token ids
-      `[M, L]` padded with the tokenizer's pad id (`fewshot.data.text`);
-      samplers, episodes and algorithms treat both alike.
+      `[M, L]` padded with the tokenizer's pad id (`fewshot.data.text`),
+      or float32 feature vectors `[M, D]` of a frozen backbone
+      (`fewshot.features.embed_dataset`); samplers, episodes and
+      algorithms treat all three alike.
     labels: `[M]` int32 class index in `[0, num_classes)`.
     class_names: `num_classes` names; `labels` index into it.
     class_groups: optional `num_classes` group names (Omniglot's alphabet).
@@ -31,10 +33,17 @@ class ClassDataset:
       # Token ids of a text dataset (`fewshot.data.text`).
       object.__setattr__(self, 'images', self.images.astype(np.int32,
                                                             copy=False))
+    elif self.images.ndim == 2 and np.issubdtype(self.images.dtype,
+                                                 np.floating):
+      # A frozen backbone's features (`fewshot.features.embed_dataset`).
+      if not np.isfinite(self.images).all():
+        raise ValueError('Feature vectors must be finite.')
+      object.__setattr__(self, 'images', self.images.astype(np.float32,
+                                                            copy=False))
     elif self.images.ndim != 4:
       raise ValueError(
-          f'images must be [M, H, W, C] (or int32 token ids [M, L]), got '
-          f'shape {self.images.shape}.')
+          f'images must be [M, H, W, C] (or int32 token ids [M, L], or '
+          f'float feature vectors [M, D]), got shape {self.images.shape}.')
     elif self.images.dtype != np.uint8:
       raise ValueError(f'images must be uint8 0..255, got {self.images.dtype}.')
     if self.labels.shape != (self.images.shape[0],):
@@ -59,12 +68,17 @@ class ClassDataset:
 
   @property
   def image_shape(self) -> tuple[int, ...]:
-    """`(H, W, C)`, or `(L,)` for token ids."""
+    """`(H, W, C)`, or `(L,)` for token ids, `(D,)` for features."""
     return tuple(self.images.shape[1:])
 
   @property
   def is_text(self) -> bool:
-    return self.images.ndim == 2
+    return self.images.ndim == 2 and self.images.dtype == np.int32
+
+  @property
+  def is_features(self) -> bool:
+    """Whether `images` are feature vectors `[M, D]` (float32)."""
+    return self.images.ndim == 2 and self.images.dtype == np.float32
 
   def class_counts(self) -> np.ndarray:
     """`[num_classes]` number of images in each class."""

@@ -29,7 +29,6 @@ digits). Decoded domains are cached as `.npz` files under
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import os
 import pathlib
@@ -38,9 +37,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from fewshot.data import sources
-from fewshot.data.cache import (CACHE_SUBDIR, MANUAL_DIR_ENV,
-                                default_data_dir, default_manual_dir,
-                                load_cached, save_cached)
+from fewshot.data.cache import (MANUAL_DIR_ENV, default_manual_dir,
+                                keyed_cache_path, load_cached, save_cached)
 from fewshot.data.dataset import ClassDataset, resize_images
 from fewshot.data.folders import _decode, read_class_folders
 from fewshot.data.idx import MNIST_FILE_NAMES, load_mnist_split
@@ -230,13 +228,8 @@ def convert_images(images: np.ndarray, image_size: int | None,
 
 
 def _cache_path(data_dir, key: dict[str, Any]) -> pathlib.Path | None:
-  base = default_data_dir(data_dir)
-  if base is None:
-    return None
-  digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()
-                        ).hexdigest()[:12]
-  return pathlib.Path(base, CACHE_SUBDIR, 'domains',
-                      f'{key["name"]}-{key.get("domain") or ""}-{digest}')
+  return keyed_cache_path(data_dir, 'domains', key,
+                          f'{key["name"]}-{key.get("domain") or ""}')
 
 
 def load_domain(name: str, *, domain: str | None = None,
