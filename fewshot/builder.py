@@ -428,7 +428,8 @@ def _retrieval(config, embedder, dataset):
   return retrieval_evaluator(
       embedder, dataset,
       distance=config.eval.get('retrieval_distance', 'cosine'),
-      batch_size=config.eval.get('feature_batch_size', 256))
+      batch_size=config.eval.get('feature_batch_size', 256),
+      nmi=config.eval.get('retrieval_nmi', True))
 
 
 def build(config: ml_collections.ConfigDict, *,
@@ -487,8 +488,11 @@ def build(config: ml_collections.ConfigDict, *,
   retrieval = {split: functools.partial(
       _retrieval, config, built.embedder, splits[split])
                for split in eval_splits}
+  frozen = config.data.get('features')
   info = dict(algorithm=config.algorithm.name, backbone=config.backbone.name,
               weights=config.backbone.get('weights'),
+              features=(f'{frozen.name}:{frozen.weights}' if frozen
+                        else None),
               norm=config.backbone.get('norm'),
               peft=config.backbone.get('peft', {}).get('method'),
               **parameter_info(backbone, splits['test'].images[:2]))

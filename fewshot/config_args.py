@@ -107,11 +107,13 @@ def eval_section(**overrides: Any) -> dict[str, Any]:
 
   Defaults: 5-way 1-shot 15-query episodes, 600 at test (the literature's
   count) and 300 at each validation, seed 2017 (test episodes; validation
-  uses seed + 1), a test at the end of training.
+  uses seed + 1), a test at the end of training, and the NMI of k-means
+  clusters with the retrieval metrics (`experiments/evaluate.py --protocol
+  retrieval`).
   """
   section = dict(ways=5, shots=1, queries=15, num_episodes=600,
                  val_episodes=300, images_per_chunk=2048, seed=2017,
-                 test_at_end=True)
+                 test_at_end=True, retrieval_nmi=True)
   optional = ('precompute_features', 'feature_batch_size',
               'retrieval_distance',
               # multi-task configs (fewshot.builder_multitask)

@@ -92,6 +92,7 @@ def test_retrieval_and_episodes_evaluate_the_trained_embedding(straight_run):
   assert 0 < result['map_at_r'] <= result['r_precision'] <= 1
   assert set(result['recall_at_k']) == {'1', '2', '4', '8'}
   assert result['recall_at_k']['1'] == result['precision_at_1']
+  assert 0 <= result['nmi'] <= 1  # k-means clusters against the classes
   episodes = evaluation.evaluate_workdir(experiment, str(workdir))
   assert episodes['episodes'] == 10 and 0 < episodes['accuracy'] <= 1
   # Without a workdir the projection would be random: refused.

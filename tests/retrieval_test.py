@@ -1,10 +1,11 @@
 """Retrieval metrics against a naive numpy ranking, and against
 pytorch-metric-learning's AccuracyCalculator where it installs."""
 
+import jax
 import numpy as np
 import pytest
 
-from fewshot.metric import retrieval
+from fewshot.metric import clustering, retrieval
 
 
 def _embedded(num_classes=7, seed=0, spread=1.5):
@@ -90,3 +91,36 @@ def test_matches_pytorch_metric_learning_accuracy_calculator():
   assert np.isclose(ours['precision_at_1'], theirs['precision_at_1'])
   assert np.isclose(ours['r_precision'], theirs['r_precision'])
   assert np.isclose(ours['map_at_r'], theirs['mean_average_precision_at_r'])
+
+
+@pytest.mark.parametrize('seed', [0, 1, 2])
+def test_nmi_matches_scikit_learn(seed):
+  metrics = pytest.importorskip('sklearn.metrics')
+  rng = np.random.default_rng(seed)
+  a = rng.integers(0, 5, 60)
+  b = np.where(rng.random(60) < 0.6, a, rng.integers(0, 7, 60)) + 10
+  np.testing.assert_allclose(
+      clustering.normalized_mutual_information(a, b),
+      metrics.normalized_mutual_info_score(a, b), rtol=1e-10)
+  assert clustering.normalized_mutual_information(a, a + 3) == pytest.approx(1)
+  assert clustering.normalized_mutual_information(np.zeros(4),
+                                                  np.ones(4)) == 1.0
+  with pytest.raises(ValueError, match='same items'):
+    clustering.normalized_mutual_information(a, b[:5])
+
+
+def test_kmeans_finds_separated_clusters_and_scikit_learns_inertia():
+  cluster = pytest.importorskip('sklearn.cluster')
+  rng = np.random.default_rng(0)
+  labels = np.repeat(np.arange(6), 15)
+  x = (rng.normal(size=(6, 4)) * 20)[labels] + rng.normal(size=(90, 4))
+  assign, inertia = clustering.kmeans(x.astype(np.float32), 6,
+                                      jax.random.key(0))
+  assert clustering.normalized_mutual_information(assign, labels) == 1.0
+  reference = cluster.KMeans(6, n_init=3, random_state=0).fit(x).inertia_
+  np.testing.assert_allclose(inertia, reference, rtol=1e-4)
+  # The figure AccuracyCalculator reports: clusters of the (normalised)
+  # embeddings against the classes.
+  assert clustering.kmeans_nmi(x, labels, normalize=False) == 1.0
+  noise = rng.normal(size=(90, 4)).astype(np.float32)
+  assert clustering.kmeans_nmi(noise, labels) < 0.5

@@ -63,10 +63,11 @@ def evaluate_workdir(experiment: Experiment, workdir: str | None, *,
                      f'only; this evaluation ({protocol}) has none.')
   info = dict(experiment.info)
   if workdir is None:
-    if not info.get('weights'):
+    if not info.get('weights') and not info.get('features'):
       raise ValueError('Nothing to evaluate: give a workdir with checkpoints, '
                        'or config.backbone.weights (a pretrain workdir or a '
-                       "named source such as 'imagenet').")
+                       "named source such as 'imagenet'), or frozen features "
+                       '(config.data.features).')
     params, model_state = experiment.initial()
     step = 0
   else:
