@@ -20,8 +20,9 @@ Datasets:
                  row. In-domain: ImageNet holds these classes.
   omniglot       background -> evaluation alphabets at 28x28, Conv-4 from
                  scratch (the recipe of WORKSPACE's Omniglot table).
-Rows: protonet (32-way 1-shot 3-query episodes: 128 inputs a step, as the
-P=32 x K=4 batches of the metric rows), triplet (semi-hard), multi_similarity,
+Rows: frozen (tiny_features only: the features themselves, untrained),
+protonet (32-way 1-shot 3-query episodes: 128 inputs a step, as the P=32 x
+K=4 batches of the metric rows), triplet (semi-hard), multi_similarity,
 supcon, proxy_anchor, arcface; `--rows` picks some. `--loss_rates` sets the
 learning-rate multiplier of a loss's own parameters (proxies, class weights),
 the one setting chosen on validation classes (`loss=rate,...`).
@@ -45,8 +46,8 @@ from absl import logging  # pylint: disable=g-import-not-at-top
 from fewshot import builder, harness  # pylint: disable=g-import-not-at-top
 from fewshot.evaluators import workdir as evaluation  # pylint: disable=g-import-not-at-top
 
-ROWS = ('protonet', 'triplet', 'multi_similarity', 'supcon', 'proxy_anchor',
-        'arcface')
+ROWS = ('frozen', 'protonet', 'triplet', 'multi_similarity', 'supcon',
+        'proxy_anchor', 'arcface')
 DATASETS = {
     # name: (protonet config, its argument; metric config, its argument)
     'tiny_features': (
@@ -77,7 +78,12 @@ def row_config(dataset, row, steps, seed, loss_rate, shots=1, ways=5):
   `ways`-way `shots`-shot."""
   protonet, protonet_arg, metric, metric_arg = DATASETS[dataset]
   common = f'steps={steps},seed={seed},ways={ways},shots={shots}'
-  if row == 'protonet':
+  if row == 'frozen':
+    if dataset != 'tiny_features':
+      raise ValueError("The 'frozen' row is the features themselves "
+                       '(tiny_features only).')
+    config = _config(metric, _arg(metric_arg, 'projection=none', common))
+  elif row == 'protonet':
     if dataset == 'omniglot':
       common = f'steps={steps},ways={ways},shots={shots}'
     config = _config(protonet, _arg(protonet_arg, common))
@@ -125,7 +131,10 @@ def main():
     workdir = os.path.join(os.path.abspath(args.out), row)
     rate = rates.get(row, 1.0)
     config = row_config(args.dataset, row, args.steps, args.seed, rate)
-    harness.train_and_evaluate(config, workdir)  # resumes; done is done
+    if row == 'frozen':
+      workdir = None  # nothing to train: the frozen features themselves
+    else:
+      harness.train_and_evaluate(config, workdir)  # resumes; done is done
     result = dict(row=row, dataset=args.dataset, steps=args.steps,
                   seed=args.seed, loss_rate=rate)
     retrieval = evaluation.evaluate_workdir(

@@ -15,12 +15,19 @@ Arguments: source, target (art_painting, cartoon, photo, sketch), heldout
 (a domain: the source becomes the other three and the method source_only),
 method (as `configs/adapt_digits.py`), self_training, seed, steps,
 batch_size (per domain), lr (the new layers'; the backbone gets 0.1x),
-image_size (of the backbone's input; the images stay 128x128).
+image_size (of the backbone's input; the images stay 128x128), features
+(true: the backbone stays frozen, every domain is embedded once and only
+the bottleneck, head and discriminator train; self-training is then plain
+pseudo-labelling, with no image to augment):
+
+  python experiments/train.py --config configs/adapt_pacs.py:source=photo,target=sketch,method=dann,features=true \
+      --workdir runs/p2s_dann_features
 """
 
 import ml_collections
 
-from fewshot.config_args import eval_section, parse_arg, train_section
+from fewshot.config_args import (eval_section, features_section, parse_arg,
+                                 train_section)
 
 DOMAINS = ('art_painting', 'cartoon', 'photo', 'sketch')
 
@@ -28,7 +35,8 @@ DOMAINS = ('art_painting', 'cartoon', 'photo', 'sketch')
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = parse_arg(arg, source='photo', target='sketch', heldout='',
                    method='source_only', self_training=False, seed=1,
-                   steps=1000, batch_size=32, lr=0.01, image_size=128)
+                   steps=1000, batch_size=32, lr=0.01, image_size=128,
+                   features=False)
   source, method = args.source, args.method
   target = args.target
   if args.heldout:
@@ -42,21 +50,32 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.seed = args.seed
   config.source = dict(name='pacs', domain=source)
   config.target = dict(name='pacs', domain=target)
-  config.backbone = dict(name='efficientnet_lite0', weights='imagenet',
-                         norm='batch_running', input_size=args.image_size)
+  backbone = dict(name='efficientnet_lite0', weights='imagenet',
+                  norm='batch_running', input_size=args.image_size)
+  if args.features:
+    # The backbone stays frozen: each domain is embedded once, and the
+    # bottleneck, head (and discriminator) train on the features.
+    features = features_section(backbone['name'], 'imagenet',
+                                args.image_size)
+    config.source.features = config.target.features = features
+    backbone = dict(name='mlp', widths=())
+  config.backbone = backbone
   config.algorithm = dict(name='protonet')  # few-shot scoring of the encoder
   objective = dict(name='adaptation', method=method,
                    batch_size=args.batch_size, trade_off=1.0,
-                   bottleneck_dim=256,
-                   augment=dict(crop_padding=16, pad_mode='reflect',
-                                flip=True))
+                   bottleneck_dim=256)
+  if not args.features:
+    objective['augment'] = dict(crop_padding=16, pad_mode='reflect',
+                                flip=True)
   if args.self_training:
     objective['pseudo_labels'] = dict(threshold=0.9, weight=1.0)
-    objective['strong'] = dict(flip=True)
+    if not args.features:
+      objective['strong'] = dict(flip=True)
   config.objective = objective
   config.optimizer = dict(name='sgd', learning_rate=args.lr,
-                          schedule='cosine', weight_decay=5e-4,
-                          rate_multipliers={'backbone': 0.1})
+                          schedule='cosine', weight_decay=5e-4)
+  if not args.features:
+    config.optimizer.rate_multipliers = {'backbone': 0.1}
   config.train = train_section(num_steps=args.steps, log_every=50,
                                eval_every=max(args.steps // 4, 1),
                                checkpoint_every_steps=250,

@@ -4,7 +4,10 @@ The adaptation part of `fewshot.builder` (which dispatches here when
 `objective.name='adaptation'`). Sections:
 
 * `source`, `target`: domains, `fewshot.data.domains.load_domain` options
-  (`name`, and `domain`, `root`, `image_size`, `channels`, ...);
+  (`name`, and `domain`, `root`, `image_size`, `channels`, ...), and
+  optionally `features`: a frozen backbone that embeds every split once
+  (`fewshot.builder.embedded_splits`; the trained network is then an
+  `mlp` backbone with the bottleneck and head);
 * `objective`: `method` (`fewshot.objectives.adaptation.METHODS`, or
   'oracle': the same classifier trained on the target's labels, or
   'adabn': source-only training, then BatchNorm statistics re-estimated
@@ -27,7 +30,7 @@ import ml_collections
 
 from fewshot._utils import check_options
 from fewshot.builder import (build_algorithm, build_backbone, build_optimizer,
-                             pretrained_learner)
+                             embedded_splits, pretrained_learner)
 from fewshot.data.batches import labelled_images
 from fewshot.data.dataset import ClassDataset
 from fewshot.data.domains import load_domain
@@ -47,7 +50,12 @@ def _domain(config, role: str) -> dict[str, ClassDataset]:
   options = dict(config[role])
   if 'name' not in options:
     raise ValueError(f'config.{role} needs a name.')
-  return load_domain(options.pop('name'), **options)
+  features = options.pop('features', None)
+  domain_options = dict(options)
+  splits = load_domain(options.pop('name'), **options)
+  if features is not None:
+    splits = embedded_splits(dict(features), splits, domain_options)
+  return splits
 
 
 def check_domains(source: ClassDataset, target: ClassDataset) -> None:

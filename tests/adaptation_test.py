@@ -365,3 +365,47 @@ def test_pacs_domains_joined_by_plus_are_the_union_of_their_splits(tmp_path):
   assert len(both['test'].labels) == 4 + 6
   with pytest.raises(ValueError, match="Unknown PACS domain 'clipart'"):
     domains.load_domain('pacs', domain='photo+clipart', manual_dir=tmp_path)
+
+
+def test_adaptation_trains_on_frozen_features_of_both_domains(monkeypatch):
+  embedded = []
+
+  def fake_embedding(section, splits, options):
+    # Stands in for the frozen backbone: a fixed map of each image.
+    embedded.append((options['name'], section['name']))
+    return {s: ClassDataset(d.images.reshape(len(d.labels), -1)[:, ::49]
+                            .astype(np.float32) / 255.0, d.labels,
+                            d.class_names) for s, d in splits.items()}
+
+  monkeypatch.setattr('fewshot.builder_adaptation.embedded_splits',
+                      fake_embedding)
+  finals = []
+  for poison in (None, 7):
+    _patch_domains(monkeypatch, _domain(60, labels_seed=poison))
+    config = load_config('adapt_pacs', 'features=true,method=dann,'
+                         'self_training=true,steps=3,batch_size=8')
+    with config.unlocked():
+      config.source.name = 'mnist'
+      config.objective.bottleneck_dim = 8
+    experiment = builder.build(config)
+    assert experiment.train_data['target'].shape == (80, 16)
+    state = init_state(experiment.objective, experiment.optimizer,
+                       experiment.train_data, 0)
+    step = jax.jit(make_train_step(experiment.objective,
+                                   experiment.optimizer))
+    first, metrics = step(state, experiment.train_data)
+    # Source, target and its (identical) pseudo-labelled view: 3 x 8.
+    assert experiment.objective.batch_units(
+        experiment.objective.sample(jax.random.key(0), 0,
+                                    experiment.train_data)) == 24
+    assert np.isfinite(float(metrics['transfer_loss']))
+    assert not np.array_equal(first.params['bottleneck']['kernel'],
+                              state.params['bottleneck']['kernel'])
+    for _ in range(2):
+      first, _ = step(first, experiment.train_data)
+    finals.append(first)
+  assert embedded[:2] == [('mnist', 'efficientnet_lite0'),
+                          ('pacs', 'efficientnet_lite0')]
+  # The target's labels never reach training, on features too.
+  jax.tree.map(np.testing.assert_array_equal, finals[0].params,
+               finals[1].params)

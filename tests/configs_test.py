@@ -117,3 +117,19 @@ def test_shared_sections():
     eval_section(episodes=5)
   configs = [load_config(p.stem) for p in PATHS if _kind(p) != 'transfer_report']
   assert all(c.eval.seed == 2017 for c in configs)
+
+
+@pytest.mark.parametrize('name', ['metric_tiny_imagenet',
+                                  'protonet_tiny_imagenet'])
+def test_features_argument_trains_an_mlp_on_frozen_features(name):
+  from fewshot import backbones  # pylint: disable=g-import-not-at-top
+  config = load_config(name, 'features=efficientnet_lite0')
+  assert dict(config.data.features) == dict(
+      name='efficientnet_lite0', weights='imagenet', input_size=128,
+      batch_size=256)
+  assert config.backbone.name == 'mlp'
+  options = dict(config.backbone)
+  options.pop('name')
+  backbones.create('mlp', **options)  # every option is the module's
+  # Both tables' configs embed the same images (one cache entry).
+  assert config.data.image_size == 64

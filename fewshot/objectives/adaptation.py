@@ -19,6 +19,9 @@ plus `trade_off` times the method's transfer loss (`fewshot.adaptation`):
 `pseudo_labels={'threshold', 'weight'}` adds FixMatch-style self-training
 to any method: the weakly augmented target view's confident predictions
 label a strongly augmented view (`fewshot.data.augment.strong_augment`).
+On feature vectors (a frozen backbone's, as data) there is no image to
+augment: both views are the vectors, and augmentation options must be
+empty.
 
 Parameters are `{'backbone', 'head'}` plus `'bottleneck'` (a ReLU layer
 between the backbone and the classifier, `bottleneck_dim > 0`) and
@@ -169,7 +172,10 @@ def adaptation(backbone: Backbone, *, num_classes: int, num_steps: int,
       batch['target'] = crop_and_flip(jax.random.fold_in(keys[3], step), raw,
                                       **augment)
       if pseudo:
-        batch['target_strong'] = strong_augment(
+        # Image-space augmentation has nothing to act on in feature vectors
+        # (frozen features as data): there both views are the vectors, and
+        # self-training is plain confident pseudo-labelling (Lee 2013).
+        batch['target_strong'] = raw if raw.ndim != 4 else strong_augment(
             jax.random.fold_in(keys[4], step), raw, **strong)
     return batch
 
@@ -230,8 +236,8 @@ def adaptation(backbone: Backbone, *, num_classes: int, num_steps: int,
                        step=model_state['step'] + 1)
     return total, (metrics, model_state)
 
-  def batch_units(batch):  # every image the step embeds, both domains
-    return sum(x.shape[0] for x in jax.tree.leaves(batch) if x.ndim == 4)
+  def batch_units(batch):  # every input the step embeds, both domains
+    return sum(x.shape[0] for x in jax.tree.leaves(batch) if x.ndim >= 2)
 
   return Objective(init=init, sample=sample, loss=loss, unit='images',
                    batch_units=batch_units)
