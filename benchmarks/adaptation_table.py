@@ -1,11 +1,17 @@
-"""The digits adaptation table: MNIST <-> USPS, every method, several seeds.
+"""Adaptation tables: every pair, method and seed at one budget.
 
   python benchmarks/adaptation_table.py --out runs/adaptation_table --steps 1000
+  python benchmarks/adaptation_table.py --config adapt_pacs --extra features=true \
+      --pairs photo:sketch,photo:art_painting,heldout:sketch --methods source_only,dann,mcc,self_training \
+      --out runs/pacs_features
 
-For each seed, pair and method trains `configs/adapt_digits.py` with the
-same budget and prints one JSON line per run (target and source test
+For each seed, pair and method trains `configs/<--config>.py` (default
+`adapt_digits`: MNIST <-> USPS) with the same budget and `--extra`
+arguments, and prints one JSON line per run (target and source test
 accuracy); at the end, per pair and method, the mean target accuracy with
-its 95% CI over seeds. 'self_training' is source-only plus pseudo-labels.
+its 95% CI over seeds. 'self_training' is source-only plus pseudo-labels. A
+pair `heldout:<domain>` is leave-one-domain-out (`configs/adapt_pacs.py`'s
+`heldout`: ERM on the other domains; only its source_only method runs).
 Finished runs are kept in `<out>/runs.jsonl` and skipped when the script
 is run again.
 """
@@ -24,27 +30,29 @@ from absl import logging  # pylint: disable=g-import-not-at-top
 from fewshot import harness  # pylint: disable=g-import-not-at-top
 from fewshot.stats import mean_confidence_interval  # pylint: disable=g-import-not-at-top
 
-CONFIG = os.path.join(REPO, 'configs', 'adapt_digits.py')
 METHODS = ('source_only', 'dann', 'cdan_e', 'mcc', 'mmd', 'coral', 'adabn',
            'self_training', 'oracle')
 
 
-def _config(arg):
-  spec = importlib.util.spec_from_file_location('adapt_config', CONFIG)
+def _config(name, arg):
+  path = os.path.join(REPO, 'configs', f'{name}.py')
+  spec = importlib.util.spec_from_file_location('adapt_config', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)
 
 
-def _run(out, pair, method, seed, steps, done):
+def _run(out, config_name, extra, pair, method, seed, steps, done):
   name = f'{pair.replace(":", "2")}/{method}-s{seed}'
   if name in done:
     return done[name]
   source, target = pair.split(':')
-  arg = f'source={source},target={target},seed={seed},steps={steps},'
+  domains = (f'heldout={target}' if source == 'heldout'
+             else f'source={source},target={target}')
+  arg = f'{domains},seed={seed},steps={steps},'
   arg += ('method=source_only,self_training=true' if method == 'self_training'
           else f'method={method}')
-  config = _config(arg)
+  config = _config(config_name, f'{arg},{extra}' if extra else arg)
   config.train.eval_every = steps
   results = harness.train_and_evaluate(config, os.path.join(out, name))
   record = dict(run=name, pair=pair, method=method, seed=seed, steps=steps,
@@ -57,6 +65,11 @@ def _run(out, pair, method, seed, steps, done):
   return record
 
 
+def _methods(pair, methods):
+  """Leave-one-domain-out pairs train ERM only."""
+  return ['source_only'] if pair.startswith('heldout:') else methods
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--out', default='runs/adaptation_table')
@@ -64,6 +77,9 @@ def main():
   parser.add_argument('--pairs', default='mnist:usps,usps:mnist')
   parser.add_argument('--methods', default=','.join(METHODS))
   parser.add_argument('--seeds', default='1,2,3')
+  parser.add_argument('--config', default='adapt_digits')
+  parser.add_argument('--extra', default='',
+                      help='more config arguments, e.g. features=true')
   args = parser.parse_args()
   logging.set_verbosity(logging.WARNING)
   os.makedirs(args.out, exist_ok=True)
@@ -78,10 +94,11 @@ def main():
   seeds = [int(s) for s in args.seeds.split(',')]
   for seed in seeds:  # seed-major: a stopped table has whole seeds
     for pair in pairs:
-      for method in methods:
-        _run(args.out, pair, method, seed, args.steps, done)
+      for method in _methods(pair, methods):
+        _run(args.out, args.config, args.extra, pair, method, seed,
+             args.steps, done)
   for pair in pairs:
-    for method in methods:
+    for method in _methods(pair, methods):
       runs = [done[f'{pair.replace(":", "2")}/{method}-s{s}'] for s in seeds]
       target = [100 * r['target'] for r in runs]
       print(json.dumps(dict(
