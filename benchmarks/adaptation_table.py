@@ -17,7 +17,6 @@ is run again.
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -27,19 +26,12 @@ sys.path.insert(0, REPO)
 
 from absl import logging  # pylint: disable=g-import-not-at-top
 
+from config_files import load_config  # benchmarks/ (sys.path)
 from fewshot import harness  # pylint: disable=g-import-not-at-top
 from fewshot.stats import mean_confidence_interval  # pylint: disable=g-import-not-at-top
 
 METHODS = ('source_only', 'dann', 'cdan_e', 'mcc', 'mmd', 'coral', 'adabn',
            'self_training', 'oracle')
-
-
-def _config(name, arg):
-  path = os.path.join(REPO, 'configs', f'{name}.py')
-  spec = importlib.util.spec_from_file_location('adapt_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 def _run(out, config_name, extra, pair, method, seed, steps, done):
@@ -52,7 +44,7 @@ def _run(out, config_name, extra, pair, method, seed, steps, done):
   arg = f'{domains},seed={seed},steps={steps},'
   arg += ('method=source_only,self_training=true' if method == 'self_training'
           else f'method={method}')
-  config = _config(config_name, f'{arg},{extra}' if extra else arg)
+  config = load_config(config_name, f'{arg},{extra}' if extra else arg)
   config.train.eval_every = steps
   results = harness.train_and_evaluate(config, os.path.join(out, name))
   record = dict(run=name, pair=pair, method=method, seed=seed, steps=steps,

@@ -8,13 +8,14 @@ born-again ResNet-12 distilled from it, a Conv-4 trained alone (alpha=0)
 and a Conv-4 distilled from the teacher (`configs/distill_tiny_imagenet.py`).
 Then scores each with a linear probe on the same 600 seeded 5-way 1-shot
 and 5-shot episodes of the 40 meta-test classes, one JSON line per figure,
-and the paired gaps (born-again - teacher, distilled - alone) per setting.
+and the paired gaps (born-again - teacher, distilled - alone) per setting,
+with the 95% CI of the per-episode differences (the same episodes for
+every model, so the pair is the test; `significant` when it excludes 0).
 A run that is stopped resumes each training where it stopped (workdirs
 under `--out`).
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -24,16 +25,12 @@ sys.path.insert(0, REPO)
 
 from absl import logging  # pylint: disable=g-import-not-at-top
 
+import numpy as np  # pylint: disable=g-import-not-at-top
+
+from config_files import load_config  # benchmarks/ (sys.path)
 from fewshot import builder, harness  # pylint: disable=g-import-not-at-top
 from fewshot.evaluators import workdir as evaluation  # pylint: disable=g-import-not-at-top
-
-
-def _config(name, arg):
-  path = os.path.join(REPO, 'configs', f'{name}.py')
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+from fewshot.stats import mean_confidence_interval  # pylint: disable=g-import-not-at-top
 
 
 def main():
@@ -58,7 +55,7 @@ def main():
   }
   for name, (config_name, arg) in runs.items():
     workdir = os.path.join(out, name)
-    config = _config(config_name, arg)
+    config = load_config(config_name, arg)
     with config.unlocked():
       config.eval.test_at_end = False
       config.train.eval_every = config.train.num_steps
@@ -66,12 +63,13 @@ def main():
   accuracies = {}
   for shots in (1, 5):
     for name, (config_name, arg) in runs.items():
-      config = _config(config_name, f'{arg},shots={shots}')
+      config = load_config(config_name, f'{arg},shots={shots}')
       with config.unlocked():
         config.algorithm = dict(name='linear_probe')
         config.eval.num_episodes = args.episodes
       result = evaluation.evaluate_workdir(
-          builder.build(config, pretrained=False), os.path.join(out, name))
+          builder.build(config, pretrained=False), os.path.join(out, name),
+          per_episode=True)
       accuracies[name, shots] = result
       print(json.dumps(dict(model=name, shots=shots, epochs=args.epochs,
                             accuracy=100 * result['accuracy'],
@@ -81,8 +79,12 @@ def main():
     for better, worse in (('born_again', 'teacher'),
                           ('conv4_distilled', 'conv4_alone')):
       a, b = accuracies[better, shots], accuracies[worse, shots]
+      # The same episodes for every model: the paired gap's CI is the test.
+      gap, gap_ci = mean_confidence_interval(
+          100 * (np.asarray(a['accuracies']) - np.asarray(b['accuracies'])))
       print(json.dumps(dict(gap=f'{better} - {worse}', shots=shots,
-                            points=100 * (a['accuracy'] - b['accuracy']),
+                            points=gap, paired_ci95=gap_ci,
+                            significant=bool(gap - gap_ci > 0),
                             beyond_cis=bool(a['accuracy'] - a['ci95'] >
                                             b['accuracy'] + b['ci95'])
                             )), flush=True)

@@ -29,7 +29,6 @@ the one setting chosen on validation classes (`loss=rate,...`).
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -43,6 +42,7 @@ tune_cpu()
 
 from absl import logging  # pylint: disable=g-import-not-at-top
 
+from config_files import load_config  # benchmarks/ (sys.path)
 from fewshot import builder, harness  # pylint: disable=g-import-not-at-top
 from fewshot.evaluators import workdir as evaluation  # pylint: disable=g-import-not-at-top
 
@@ -61,14 +61,6 @@ DATASETS = {
 }
 
 
-def _config(name, arg):
-  path = os.path.join(REPO, 'configs', f'{name}.py')
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
-
 def _arg(*parts):
   return ','.join(p for p in parts if p)
 
@@ -82,11 +74,11 @@ def row_config(dataset, row, steps, seed, loss_rate, shots=1, ways=5):
     if dataset != 'tiny_features':
       raise ValueError("The 'frozen' row is the features themselves "
                        '(tiny_features only).')
-    config = _config(metric, _arg(metric_arg, 'projection=none', common))
+    config = load_config(metric, _arg(metric_arg, 'projection=none', common))
   elif row == 'protonet':
     if dataset == 'omniglot':
       common = f'steps={steps},ways={ways},shots={shots}'
-    config = _config(protonet, _arg(protonet_arg, common))
+    config = load_config(protonet, _arg(protonet_arg, common))
     if dataset == 'omniglot':
       with config.unlocked():
         config.seed = seed
@@ -94,7 +86,7 @@ def row_config(dataset, row, steps, seed, loss_rate, shots=1, ways=5):
         config.objective.shots = 1
   else:
     rate = f'loss_rate={loss_rate}' if loss_rate != 1.0 else ''
-    config = _config(metric, _arg(metric_arg, f'loss={row}', common, rate))
+    config = load_config(metric, _arg(metric_arg, f'loss={row}', common, rate))
     if dataset == 'omniglot':
       with config.unlocked():
         config.seed = seed

@@ -23,23 +23,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import logging  # pylint: disable=g-import-not-at-top
 
+from config_files import load_config  # benchmarks/ (sys.path)
 from fewshot import harness
 from fewshot.multitask import delta_p, task_gaps
 from fewshot.stats import mean_confidence_interval
 
-CONFIG = os.path.join(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))), 'configs', 'multitask_multimnist.py')
 TASKS = ('left', 'right')
 METHODS = ('equal', 'uncertainty', 'dwa', 'gradnorm', 'pcgrad', 'cagrad',
            'mgda')
-
-
-def _load_config(arg):
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location('multitask_config', CONFIG)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 def _run(out, dataset, seed, method, tasks, steps, period, done):
@@ -47,9 +38,10 @@ def _run(out, dataset, seed, method, tasks, steps, period, done):
   if name in done:
     return done[name]
   weighting, _, gradients = method.partition('@')
-  config = _load_config(f'dataset={dataset},method={weighting},'
-                        f'gradients={gradients or "parameters"},'
-                        f'tasks={"+".join(tasks)},seed={seed},steps={steps}')
+  config = load_config('multitask_multimnist',
+                       f'dataset={dataset},method={weighting},'
+                       f'gradients={gradients or "parameters"},'
+                       f'tasks={"+".join(tasks)},seed={seed},steps={steps}')
   config.train.eval_every = steps
   config.train.log_every = max(steps // 5, 1)
   if weighting in ('dwa', 'gradnorm'):
