@@ -14,8 +14,11 @@ The config argument is a comma-separated list of `key=value` overrides:
                    (default 10,000 / 2,500);
   shift            random translation of training images, edge-padded
                    (default 2, as the ProtoNet config).
-Attention is over cosine similarities with a learned temperature, without
-full-context embeddings (fewshot.algorithms.matching).
+  fce              full-context embeddings (default false): a bidirectional
+                   LSTM over the support set and an attention LSTM for the
+                   queries, as in the paper's appendix.
+Attention is over cosine similarities with a learned temperature
+(fewshot.algorithms.matching).
 """
 
 import ml_collections
@@ -26,13 +29,13 @@ from fewshot.config_args import (data_section, eval_section, parse_arg,
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = parse_arg(arg, ways=5, shots=1, train_ways=int, queries=5,
-                   steps=10000, decay_every=2500, shift=2)
+                   steps=10000, decay_every=2500, shift=2, fce=False)
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.data = data_section('omniglot', image_size=28, rotations=True)
   config.backbone = dict(name='conv4', filters=64, norm='batch_running')
   config.algorithm = dict(name='matching_net', init_scale=10.0,
-                          learn_scale=True)
+                          learn_scale=True, fce=args.fce)
   config.optimizer = dict(name='adam', learning_rate=1e-3, schedule='step',
                           decay_every=args.decay_every, decay_factor=0.5)
   config.objective = dict(

@@ -28,7 +28,9 @@ OPTIONS = {
     'baseline_pp': dict(freeze_backbone=False, steps=2),
     'fine_tune': dict(steps=2, meta_gradient=True),
     'setfit': dict(steps=2, probe_steps=2, meta_gradient=True),
-    'matching_net': {},
+    # Full-context embeddings: the LSTMs get gradients too (the plain
+    # attention is the special case tests/matching_relation_test.py checks).
+    'matching_net': dict(fce=True),
     # The contract's backbone keeps 2x2x4 maps of its 8x8 images.
     'relation_net': dict(channels=4, relation_filters=4),
 }

@@ -83,3 +83,55 @@ def test_relation_needs_square_maps_and_conv4_keeps_them_unpooled():
   assert jax.tree.map(jnp.shape, same_params) == jax.tree.map(jnp.shape,
                                                               params)
   assert pooled.apply(same_params, state, images, False)[0].shape == (2, 8)
+
+
+def _naive_lstm(params, h, c, x):
+  z = np.concatenate([x, h]) @ params['kernel'] + params['bias']
+  i, f, g, o = np.split(z, 4)
+  sigmoid = lambda v: 1 / (1 + np.exp(-v))
+  c = sigmoid(f) * c + sigmoid(i) * np.tanh(g)
+  return sigmoid(o) * np.tanh(c), c
+
+
+def test_full_context_embeddings_follow_the_papers_equations():
+  episode = _episode((4,))
+  algorithm = matching_net(identity_backbone(), init_scale=2.0, fce=True,
+                           fce_steps=3)
+  params, state = algorithm.init(jax.random.key(0), episode.support_images)
+  task, _ = algorithm.adapt(params, state, episode, jax.random.key(1), False)
+  logits, _ = algorithm.predict(params, state, task, episode.query_images,
+                                False)
+  fce = jax.tree.map(np.asarray, params['fce'])
+  support = np.asarray(episode.support_images)
+  zero = np.zeros(4)
+  forward, backward, (h, c) = [], [None] * len(support), (zero, zero)
+  for x in support:                       # the bidirectional LSTM, by hand
+    h, c = _naive_lstm(fce['support_forward'], h, c, x)
+    forward.append(h)
+  h, c = zero, zero
+  for i in reversed(range(len(support))):
+    h, c = _naive_lstm(fce['support_backward'], h, c, support[i])
+    backward[i] = h
+  g = support + np.stack(forward) + np.stack(backward)
+  np.testing.assert_allclose(task['support'], g, rtol=1e-5, atol=1e-6)
+  labels = np.asarray(episode.support_labels)
+  for q, x in enumerate(np.asarray(episode.query_images)):
+    h, c, read = zero, zero, zero         # the attention LSTM, K = 3 steps
+    for _ in range(3):
+      h, c = _naive_lstm(fce['query'], h, c, np.concatenate([x, read]))
+      h = h + x
+      a = np.exp(g @ h) / np.exp(g @ h).sum()
+      read = a @ g
+    cos = g @ h / np.linalg.norm(g, axis=1) / np.linalg.norm(h)
+    attention = np.exp(2.0 * cos) / np.exp(2.0 * cos).sum()
+    expected = [attention[labels == n].sum() for n in range(N)]
+    np.testing.assert_allclose(np.exp(logits[q]), expected, rtol=1e-4)
+  # With zero LSTM weights the embeddings are the backbone's again.
+  zeroed = dict(params, fce=jax.tree.map(jnp.zeros_like, params['fce']))
+  plain = matching_net(identity_backbone(), init_scale=2.0)
+  want, _ = query_logits(plain, {'backbone': {}, 'log_scale':
+                                 params['log_scale']}, state, episode,
+                         jax.random.key(1), train=False)
+  got, _ = query_logits(algorithm, zeroed, state, episode, jax.random.key(1),
+                        train=False)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
