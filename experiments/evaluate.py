@@ -122,6 +122,8 @@ def _evaluate() -> None:
     if _PROTOCOL.value == 'retrieval':
       recall = ', '.join(f'R@{k} {100 * v:.2f}'
                          for k, v in result['recall_at_k'].items())
+      if 'nmi' in result:
+        recall += f", NMI {100 * result['nmi']:.2f}"
       print(f"{result['split']} retrieval over {result['images']} images of "
             f"{result['classes']} classes: MAP@R "
             f"{100 * result['map_at_r']:.2f}, R-precision "
