@@ -83,7 +83,9 @@ def bench_jax(repeats: int) -> None:
     if rules is not None:
       backbone = peft.peft_backbone(backbone, rules)
     params, state = backbone.init(jax.random.key(0), ids)
-    params = {'backbone': params, 'head': {
+    # A copy: the step donates its parameters, and the pretrained backbone's
+    # init hands out the loaded arrays themselves (the next variant's too).
+    params = {'backbone': jax.tree.map(jnp.copy, params), 'head': {
         'kernel': jnp.zeros((384, CLASSES)), 'bias': jnp.zeros(CLASSES)}}
     optimizer = optax.adamw(2e-5, weight_decay=0.01)
 
