@@ -1,8 +1,8 @@
 """Issue 14's comparison table: ProtoNet against metric losses, one budget.
 
   FEWSHOT_MANUAL_DIR=../shared/data FEWSHOT_DATA_DIR=~/fewshot_data \
-      python benchmarks/metric_table.py --dataset tiny_features --steps 5000 \
-      --out runs/metric_table_tiny
+      python benchmarks/metric_table.py --dataset tiny_features --steps 20000 \
+      --loss_rates arcface=100 --out runs/metric_table_tiny
 
 Trains every row with the same budget, seed and validation protocol, then
 scores each trained embedding on the same retrieval split (every test image
@@ -101,7 +101,7 @@ def main():
   parser.add_argument('--dataset', choices=sorted(DATASETS),
                       default='tiny_features')
   parser.add_argument('--out', default='runs/metric_table')
-  parser.add_argument('--steps', type=int, default=5000)
+  parser.add_argument('--steps', type=int, default=20000)
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--rows', default=','.join(ROWS))
   parser.add_argument('--loss_rates', default='',
