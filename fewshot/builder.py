@@ -13,6 +13,7 @@ configured model as it is (e.g. a pretrained backbone with a linear probe).
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
 import json
 import math
@@ -22,6 +23,7 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from fewshot import backbones
@@ -83,8 +85,9 @@ def embedded_splits(section: dict[str, Any],
   workdir, `input_size`, ...) plus `batch_size` (images per forward pass,
   default 256). Features are cached beside the decoded data
   (`$FEWSHOT_DATA_DIR/fewshot_cache/features`; nothing is cached without a
-  data dir), keyed by the data options, the backbone section, the split
-  and, for a workdir, its newest checkpoint (`checkpoint_fingerprint`).
+  data dir), keyed by the data options, the backbone section, the split,
+  a hash of its images and labels and, for a workdir, its newest
+  checkpoint (`checkpoint_fingerprint`).
   """
   section = dict(section)
   batch_size = section.pop('batch_size', 256)
@@ -94,21 +97,29 @@ def embedded_splits(section: dict[str, Any],
         'data.features is the frozen backbone that embeds the images: it '
         "needs a name and pretrained weights ('imagenet' or a workdir), got "
         f'{section}.')
-  if section.get('norm') == 'batch':
-    raise ValueError("data.features needs per-image features, but norm='batch'"
-                     ' normalises each batch with its own statistics.')
+  # Taken before the weights are read, so a checkpoint written meanwhile
+  # makes the key stale rather than the features.
+  checkpoint = (workdir_lib.checkpoint_fingerprint(weights)
+                if is_path(weights) else None)
   backbone = build_backbone(ml_collections.ConfigDict(section))
+  if getattr(backbone.module, 'norm', None) == 'batch':  # as built or stored
+    raise ValueError("data.features needs per-image features, but the "
+                     "backbone's norm='batch' normalises each batch with its "
+                     'own statistics.')
   sample = jnp.asarray(next(iter(splits.values())).images[:2])
   params, state = backbone.init(jax.random.key(0), sample)
   key_data = {k: v for k, v in data_options.items()
               if k not in ('data_dir', 'manual_dir') and v is not None}
-  checkpoint = (workdir_lib.checkpoint_fingerprint(weights)
-                if is_path(weights) else None)
   embedded = {}
   for name, split in splits.items():
+    # The split's own content is in the key too: a folder whose files
+    # changed, or a relative path read from another directory, is new data.
+    content = hashlib.sha1(np.ascontiguousarray(split.images).tobytes())
+    content.update(np.ascontiguousarray(split.labels).tobytes())
     key = json.loads(json.dumps(dict(format=1, data=key_data,
                                      backbone=section, checkpoint=checkpoint,
-                                     split=name),
+                                     split=name,
+                                     content=content.hexdigest()),
                                 sort_keys=True, default=str))
     path = keyed_cache_path(data_options.get('data_dir'), 'features', key,
                             f'{data_options["name"]}-{name}')

@@ -116,7 +116,7 @@ def test_full_context_embeddings_follow_the_papers_equations():
   np.testing.assert_allclose(task['support'], g, rtol=1e-5, atol=1e-6)
   labels = np.asarray(episode.support_labels)
   for q, x in enumerate(np.asarray(episode.query_images)):
-    h, c, read = zero, zero, zero         # the attention LSTM, K = 3 steps
+    h, c, read = zero, zero, g.mean(0)    # the attention LSTM, K = 3 steps
     for _ in range(3):
       h, c = _naive_lstm(fce['query'], h, c, np.concatenate([x, read]))
       h = h + x

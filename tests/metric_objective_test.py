@@ -153,6 +153,7 @@ def _features_config(workdir, **backbone):
 def test_a_metric_loss_trains_on_frozen_features_embedded_once(
     straight_run, tmp_path, monkeypatch):
   _, frozen_dir, _ = straight_run
+  monkeypatch.delenv('FEWSHOT_DATA_DIR', raising=False)  # no cache at first
   config = _features_config(frozen_dir)
   images = builder.load_splits(_config().data)
   splits = builder.load_splits(config.data)
@@ -180,6 +181,11 @@ def test_a_metric_loss_trains_on_frozen_features_embedded_once(
   again = builder.load_splits(config.data)
   np.testing.assert_array_equal(again['val'].images, first['val'].images)
   assert len(list((tmp_path / 'data').rglob('synthetic-*.npz'))) == 3
+  # Without a workdir only the untrained features are a model: a network
+  # on them would be scored at its random init.
+  config.backbone.widths = (4,)
+  with pytest.raises(ValueError, match='with no trained network on them'):
+    evaluation.evaluate_workdir(builder.build(config), None)
 
 
 def _no_embedding(*args, **kwargs):
@@ -190,4 +196,13 @@ def test_features_need_pretrained_weights():
   config = _config()
   config.data.features = dict(name='conv4')
   with pytest.raises(ValueError, match='needs a name and pretrained weights'):
+    builder.load_splits(config.data)
+
+
+def test_features_of_a_batch_norm_workdir_are_refused(straight_run):
+  _, frozen_dir, _ = straight_run
+  # The workdir's stored norm is 'batch_running'; a transductive one is not
+  # per-image, whether written in the section or stored in the workdir.
+  config = _features_config(frozen_dir, norm='batch')
+  with pytest.raises(ValueError, match="norm='batch' normalises each batch"):
     builder.load_splits(config.data)

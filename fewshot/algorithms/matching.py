@@ -14,8 +14,8 @@ the context of the whole support set, `g(x_i) = g'(x_i) + h_i^fwd +
 h_i^bwd` from a bidirectional LSTM over the support sequence (in episode
 order: class by class), and each query's by an attention LSTM of K steps
 over those: `h^_k, c_k = LSTM([f'(x), r_{k-1}], (h_{k-1}, c_{k-1}))`,
-`h_k = h^_k + f'(x)`, `r_k = sum_i softmax_i(h_k . g(x_i)) g(x_i)`, and
-`f(x) = h_K`. The LSTMs have hidden size D (the embedding's) and start
+`h_k = h^_k + f'(x)`, `r_k = sum_i softmax_i(h_k . g(x_i)) g(x_i)` (so
+`r_0`, with `h_0 = 0`, is the mean of the g), and `f(x) = h_K`. The LSTMs have hidden size D (the embedding's) and start
 from zero states; with all their weights zero, f and g are the backbone's
 embedding again (the test's closed form).
 """
@@ -72,8 +72,14 @@ def full_context_support(params: dict, support_SxD: jax.Array) -> jax.Array:
 
 def full_context_queries(params: dict, queries_BxD: jax.Array,
                          support_SxD: jax.Array, steps: int) -> jax.Array:
-  """`f(x) = h_K` of the attention LSTM over the (full-context) support."""
+  """`f(x) = h_K` of the attention LSTM over the (full-context) support.
+
+  `h_0 = c_0 = 0`, so the first read-out `r_0` is the uniform attention's:
+  the mean of the support embeddings.
+  """
   zeros = jnp.zeros_like(queries_BxD)
+  first_read = jnp.broadcast_to(jnp.mean(support_SxD, 0, keepdims=True),
+                                queries_BxD.shape)
 
   def step(carry, _):
     h, c, read = carry
@@ -83,7 +89,7 @@ def full_context_queries(params: dict, queries_BxD: jax.Array,
     attention = jax.nn.softmax(h @ support_SxD.T, axis=-1)   # [B, S]
     return (h, c, attention @ support_SxD), None
 
-  (h, _, _), _ = jax.lax.scan(step, (zeros, zeros, zeros), None,
+  (h, _, _), _ = jax.lax.scan(step, (zeros, zeros, first_read), None,
                               length=steps)
   return h
 
@@ -110,15 +116,14 @@ def matching_net(backbone: Backbone, *, init_scale: float = 10.0,
     raise ValueError(f'fce_steps must be >= 1, got {fce_steps}.')
 
   def init(key, sample_images):
-    backbone_key, fce_key = jax.random.split(key)
-    params, model_state = backbone.init(backbone_key, sample_images)
+    params, model_state = backbone.init(key, sample_images)
     meta_params = {'backbone': params}
     if learn_scale:
       meta_params['log_scale'] = jnp.log(jnp.asarray(init_scale, jnp.float32))
     if fce:
       dim = jax.eval_shape(lambda: backbone.apply(
           params, model_state, sample_images, False)[0]).shape[-1]
-      keys = jax.random.split(fce_key, 3)
+      keys = jax.random.split(jax.random.fold_in(key, 1), 3)
       meta_params['fce'] = {
           'support_forward': _init_lstm(keys[0], dim, dim),
           'support_backward': _init_lstm(keys[1], dim, dim),

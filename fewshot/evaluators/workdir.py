@@ -63,11 +63,15 @@ def evaluate_workdir(experiment: Experiment, workdir: str | None, *,
                      f'only; this evaluation ({protocol}) has none.')
   info = dict(experiment.info)
   if workdir is None:
-    if not info.get('weights') and not info.get('features'):
+    # Frozen features alone are a model only if nothing on them is trained.
+    untrained_on_features = (info.get('features') and
+                             info.get('trainable_parameters') == 0)
+    if not info.get('weights') and not untrained_on_features:
       raise ValueError('Nothing to evaluate: give a workdir with checkpoints, '
                        'or config.backbone.weights (a pretrain workdir or a '
                        "named source such as 'imagenet'), or frozen features "
-                       '(config.data.features).')
+                       '(config.data.features) with no trained network on '
+                       "them (backbone 'mlp' with widths=()).")
     params, model_state = experiment.initial()
     step = 0
   else:

@@ -161,6 +161,11 @@ def adaptation(backbone: Backbone, *, num_classes: int, num_steps: int,
   def sample(run_key, step, data):
     keys = jax.random.split(run_key, 5)
     source = data['source']
+    if source.images.ndim != 4 and (augment or strong):
+      raise ValueError(
+          'augment and strong are image augmentations, but the data are '
+          f'vectors of shape {source.images.shape[1:]} (frozen features): '
+          'leave them empty.')
     index = batch_indices(keys[0], step, source.num_images, batch_size)
     batch = {'source': LabelledImages(
         images=crop_and_flip(jax.random.fold_in(keys[1], step),
