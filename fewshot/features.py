@@ -125,6 +125,11 @@ def embed_dataset(backbone: Backbone, params: Params,
   if dataset.is_text:
     features = np.asarray(embed_inputs(backbone, params, model_state,
                                        inputs, batch_size=batch_size))
+  elif inputs.shape[0] == 0:  # an empty split: no features, the right width
+    width = jax.eval_shape(lambda x: backbone.apply(
+        params, model_state, x, False)[0], jnp.zeros((1, *inputs.shape[1:]),
+                                                     inputs.dtype)).shape[-1]
+    features = np.zeros((0, width), np.float32)
   else:
     num = inputs.shape[0]
     chunk = max(1, min(chunk, num))

@@ -76,6 +76,10 @@ def test_embed_dataset_in_chunks_keeps_classes_and_equals_one_batch():
   np.testing.assert_allclose(got.images, want, rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(got.labels, dataset.labels)
   assert got.class_names == dataset.class_names
+  empty = type(dataset)(dataset.images[:0], dataset.labels[:0],
+                        dataset.class_names)
+  assert features.embed_dataset(backbone, params, state,
+                                empty).images.shape == (0, 16)
   with pytest.raises(ValueError, match='must be finite'):
     type(got)(np.full((2, 3), np.nan, np.float32), np.zeros(2, np.int32),
               ('a',))
