@@ -6,7 +6,7 @@ The adaptation part of `fewshot.builder` (which dispatches here when
 * `source`, `target`: domains, `fewshot.data.domains.load_domain` options
   (`name`, and `domain`, `root`, `image_size`, `channels`, ...), and
   optionally `features`: a frozen backbone that embeds every split once
-  (`fewshot.builder.embedded_splits`; the trained network is then an
+  (`fewshot.builder_features.embedded_splits`; the trained network is then an
   `mlp` backbone with the bottleneck and head);
 * `objective`: `method` (`fewshot.objectives.adaptation.METHODS`, or
   'oracle': the same classifier trained on the target's labels, or
@@ -30,7 +30,8 @@ import ml_collections
 
 from fewshot._utils import check_options
 from fewshot.builder import (build_algorithm, build_backbone, build_optimizer,
-                             embedded_splits, pretrained_learner)
+                             pretrained_learner)
+from fewshot.builder_features import embedded_splits
 from fewshot.data.batches import labelled_images
 from fewshot.data.dataset import ClassDataset
 from fewshot.data.domains import load_domain

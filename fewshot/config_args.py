@@ -72,7 +72,7 @@ def features_section(backbone: str, weights: str | None = None,
                      input_size: int | None = None,
                      batch_size: int = 256) -> dict[str, Any]:
   """A data section's `features`: the frozen backbone that embeds every
-  split once (`fewshot.builder.embedded_splits`).
+  split once (`fewshot.builder_features.embedded_splits`).
 
   `weights` defaults to 'imagenet'; `input_size` to 128 for
   efficientnet_lite0 (the images are resized on the device).

@@ -409,3 +409,10 @@ def test_adaptation_trains_on_frozen_features_of_both_domains(monkeypatch):
   # The target's labels never reach training, on features too.
   jax.tree.map(np.testing.assert_array_equal, finals[0].params,
                finals[1].params)
+  # Image augmentation has nothing to act on in vectors: a clear error.
+  flipping = adaptation_objective(
+      backbones.create('mlp'), num_classes=10, num_steps=3, method='dann',
+      batch_size=8, augment=dict(flip=True))
+  with pytest.raises(ValueError, match='image augmentations, but the data '
+                     'are vectors'):
+    flipping.sample(jax.random.key(0), 0, experiment.train_data)
